@@ -1,0 +1,193 @@
+"""`AdapterConfig`: which method, which layers, which ranks (data only; SPEC section 2).
+
+Targeting works as in HF PEFT, on pytree paths. A *module* is the parent of a leaf named ``kernel``;
+its path is the ``/``-joined keys (``encoder/layer_0/attention/query``). ``target_modules`` is either
+a regex string matched with ``re.fullmatch`` against that path, or a sequence of names: a module is
+selected when its path equals an entry or ends with ``/`` + entry (``.`` in an entry is read as ``/``,
+so PEFT's ``"attention.output.dense"`` works). ``exclude_modules`` removes modules the same way.
+``rank_pattern`` / ``alpha_pattern`` map a regex (``re.search`` on the path, as PEFT's key matching)
+to a per-module ``r`` / ``lora_alpha``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
+ROTATIONS = ("taylor", "cayley", "exp")
+
+
+class AdapterError(ValueError):
+    """A configuration, target or shape problem, raised before any computation."""
+
+
+Patterns = str | tuple[str, ...] | None
+
+
+def _freeze_patterns(value: Any, name: str) -> Patterns:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Sequence):
+        if not all(isinstance(v, str) for v in value):
+            raise AdapterError(f"{name} must be a regex string or a list of module names, got {value!r}")
+        return tuple(value)
+    raise AdapterError(f"{name} must be a regex string or a list of module names, got {type(value).__name__}")
+
+
+def _freeze_mapping(value: Any, name: str, cast: type) -> tuple[tuple[str, Any], ...]:
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        return tuple((str(k), cast(v)) for k, v in items)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{name} must map regex patterns to numbers, got {value!r}") from e
+
+
+def matches(patterns: Patterns, path: str) -> bool:
+    """PEFT-style module selection on a ``/``-joined path (see module docstring)."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, path) is not None
+    for entry in patterns:
+        entry = entry.replace(".", "/")
+        if path == entry or path.endswith("/" + entry):
+            return True
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """An adapter method and where it applies. Immutable, hashable, JSON round-trippable.
+
+    Attributes:
+      method: one of ``lora, dora, prediag, sora, pre_ortho, post_ortho`` (SPEC section 2).
+      r: LoRA rank (``A: (d_in, r)``, ``B: (r, d_out)``).
+      lora_alpha: LoRA scale numerator: ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+      use_rslora: rank-stabilised scaling.
+      rotation_rank: ``r_p``, columns of the rotation factors ``C, D: (d_out, r_p)``.
+      initial_s_p: ``s_p = min(1, initial_s_p / (||C||_F + ||D||_F + 1e-6))``.
+      rotation: ``taylor`` (the paper's ``R = I + K``), ``cayley`` or ``exp`` (exactly orthogonal).
+      target_modules: regex string or names (see module docstring). ``None`` selects nothing.
+      exclude_modules: the same, removed from the selection.
+      rank_pattern: ``{regex: r}`` per-module rank overrides (``re.search`` on the path).
+      alpha_pattern: ``{regex: lora_alpha}`` per-module alpha overrides.
+      lora_dropout: dropout on the input of the ``s A B`` branch (activation path only).
+      modules_to_save: module names trained in full beside the adapter (a task head), matched like
+        ``target_modules``.
+    """
+
+    method: str = "lora"
+    r: int = 8
+    lora_alpha: float = 8.0
+    use_rslora: bool = False
+    rotation_rank: int = 1
+    initial_s_p: float = 1.0
+    rotation: str = "taylor"
+    target_modules: Patterns = None
+    exclude_modules: Patterns = None
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    lora_dropout: float = 0.0
+    modules_to_save: Patterns = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "target_modules", _freeze_patterns(self.target_modules, "target_modules"))
+        set_(self, "exclude_modules", _freeze_patterns(self.exclude_modules, "exclude_modules"))
+        set_(self, "modules_to_save", _freeze_patterns(self.modules_to_save, "modules_to_save"))
+        set_(self, "rank_pattern", _freeze_mapping(self.rank_pattern, "rank_pattern", int))
+        set_(self, "alpha_pattern", _freeze_mapping(self.alpha_pattern, "alpha_pattern", float))
+        set_(self, "lora_alpha", float(self.lora_alpha))
+        set_(self, "initial_s_p", float(self.initial_s_p))
+        if self.method not in METHODS:
+            raise AdapterError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.rotation not in ROTATIONS:
+            raise AdapterError(f"unknown rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
+        ranks = [self.r] + [v for _, v in self.rank_pattern]
+        if any(not isinstance(v, int) or v < 1 for v in ranks):
+            raise AdapterError(f"rank r must be a positive integer, got {ranks}")
+        if self.rotation_rank < 1:
+            raise AdapterError(f"rotation_rank must be >= 1, got {self.rotation_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise AdapterError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for pattern, _ in (*self.rank_pattern, *self.alpha_pattern):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"invalid regex {pattern!r} in rank_pattern/alpha_pattern: {e}") from e
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise AdapterError(f"invalid target_modules regex {self.target_modules!r}: {e}") from e
+
+    # -- method properties --------------------------------------------------------------------
+    @property
+    def has_magnitude(self) -> bool:
+        return self.method == "dora"
+
+    @property
+    def has_diag(self) -> bool:
+        return self.method in ("prediag", "sora")
+
+    @property
+    def has_rotation(self) -> bool:
+        return self.method in ("sora", "pre_ortho", "post_ortho")
+
+    # -- selection ----------------------------------------------------------------------------
+    def targets(self, path: str) -> bool:
+        """Whether the module at ``path`` is adapted."""
+        return matches(self.target_modules, path) and not matches(self.exclude_modules, path)
+
+    def saves(self, path: str) -> bool:
+        """Whether the module at ``path`` is trained in full (``modules_to_save``)."""
+        return matches(self.modules_to_save, path)
+
+    def rank_for(self, path: str) -> int:
+        for pattern, value in self.rank_pattern:
+            if re.search(pattern, path):
+                return value
+        return self.r
+
+    def alpha_for(self, path: str) -> float:
+        for pattern, value in self.alpha_pattern:
+            if re.search(pattern, path):
+                return value
+        return self.lora_alpha
+
+    def scaling_for(self, path: str) -> float:
+        """``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (SPEC section 1)."""
+        r = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rank_pattern"] = dict(self.rank_pattern)
+        d["alpha_pattern"] = dict(self.alpha_pattern)
+        for k in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AdapterConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise AdapterError(f"unknown AdapterConfig fields {unknown}; known fields: {sorted(fields)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,97 @@
+"""Building blocks shared by the Flax models.
+
+The models know nothing of adapters. Every dense layer is a :class:`Linear`, which declares its
+``kernel`` ``(d_in, d_out)`` and ``bias`` ``(d_out,)`` and hands the actual computation to a
+*dense function* supplied from outside (``dense_fn``)::
+
+    dense_fn(path, x, kernel, bias) -> y        # x: (..., d_in), y: (..., d_out)
+
+``path`` is the module's path in the parameter tree (``("bert", "encoder", "layer_0", "attention",
+"self", "query")``). The default, :func:`default_dense`, computes ``x W + b`` on activations
+flattened to 2-D (XLA's CPU backend runs thin matmuls on 3-D activations much slower). An adapter
+library can pass its own dense function to run adapters on activations without the model importing
+it.
+
+Naming convention (so that Hugging Face conversion is one generic table, see ``sora_jax.convert``):
+a parameter path is the Hugging Face name with ``.`` replaced by ``/`` and ``layer.N`` written
+``layer_N``; leaf names are ``kernel`` (a transposed ``nn.Linear.weight``), ``bias``, ``scale`` (a
+norm's ``weight``) and ``embedding`` (an ``nn.Embedding.weight``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class DenseFn(Protocol):
+    def __call__(
+        self, path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None
+    ) -> Array: ...
+
+
+def default_dense(path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None) -> Array:
+    """``y = x W + b`` with ``x`` flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``."""
+    del path
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y.reshape(*lead, kernel.shape[-1])
+
+
+class Linear(nn.Module):
+    """A dense layer whose computation is delegated to ``dense_fn`` (see module docstring).
+
+    Params: ``kernel (d_in, features)``, ``bias (features,)`` when ``use_bias``.
+    """
+
+    features: int
+    use_bias: bool = True
+    dense_fn: Callable[..., Array] = default_dense
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = (
+            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        return self.dense_fn(tuple(self.path), x.astype(self.dtype), kernel, bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What the loader needs to know about one architecture family.
+
+    Attributes:
+      model_types: Hugging Face ``config.model_type`` values this family serves.
+      build: ``build(hf_config, task, dtype, dense_fn) -> nn.Module``; ``task`` is one of
+        ``"base"``, ``"sequence_classification"``, ``"causal_lm"`` (those in ``tasks``).
+      tasks: the tasks ``build`` supports.
+      base_model_prefix: Hugging Face's ``base_model_prefix`` (``"bert"``, ``"deberta"``, ``"model"``).
+      head_prefixes: top-level parameter names that belong to a task head (initialised when a
+        checkpoint lacks them, reported to the user).
+      ignore_hf_keys: regexes of checkpoint keys that are buffers, not parameters (ignored).
+      tied: ``{our_path: source_path}`` for parameters that may be tied to another in the checkpoint
+        (``lm_head/kernel`` from the input embedding when ``tie_word_embeddings``).
+    """
+
+    model_types: tuple[str, ...]
+    build: Callable[..., nn.Module]
+    tasks: tuple[str, ...]
+    base_model_prefix: str
+    head_prefixes: tuple[str, ...] = ()
+    ignore_hf_keys: tuple[str, ...] = ()
+    tied: tuple[tuple[str, str], ...] = ()
