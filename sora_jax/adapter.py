@@ -233,10 +233,10 @@ def effective_weights(
         s = adapter.config.scaling_for(path)
         n_lead = W.ndim - 2
         if b is None:
-            fn = _vmapped(lambda W_, lv: methods.effective(W_, None, lv, adapter.config, s), n_lead)
+            fn = _vmapped(lambda W_, lv, s=s: methods.effective(W_, None, lv, adapter.config, s), n_lead)
             out[path] = fn(W, adapter.layers[path])
         else:
-            fn = _vmapped(lambda W_, b_, lv: methods.effective(W_, b_, lv, adapter.config, s), n_lead)
+            fn = _vmapped(lambda W_, b_, lv, s=s: methods.effective(W_, b_, lv, adapter.config, s), n_lead)
             out[path] = fn(W, b, adapter.layers[path])
     return out
 

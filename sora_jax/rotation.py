@@ -62,6 +62,10 @@ def rotation_core(C: Array, D: Array, initial_s_p: float, kind: str = "taylor") 
 def rotate(z: Array, C: Array, D: Array, initial_s_p: float, kind: str = "taylor") -> Array:
     """``z R`` for ``z: (..., d_out)``: ``z + ((z U) Phi) U^T`` (for ``taylor``:
     ``z + s_p ((z C) D^T - (z D) C^T)``)."""
+    if kind == "taylor":
+        # The paper's form, two rank-r_p products whose difference is exactly 0 when C == D (init).
+        C, D = C.astype(z.dtype), D.astype(z.dtype)
+        return z + s_p(C, D, initial_s_p) * ((z @ C) @ D.T - (z @ D) @ C.T)
     U, Phi = rotation_core(C, D, initial_s_p, kind)
     U = U.astype(z.dtype)
     return z + ((z @ U) @ Phi.astype(z.dtype)) @ U.T

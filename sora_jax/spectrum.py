@@ -45,7 +45,6 @@ def spectrum(params: Any, adapter: Adapter) -> dict[str, Any]:
         if not lead:
             out[path] = flat[0]
         else:
-            out[path] = {
-                k: np.array([f[k] for f in flat]).reshape(lead).tolist() for k in ("entropy", "effective_rank", "stable_rank")
-            }
+            keys = ("entropy", "effective_rank", "stable_rank")
+            out[path] = {k: np.array([f[k] for f in flat]).reshape(lead).tolist() for k in keys}
     return out

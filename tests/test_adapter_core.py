@@ -1,0 +1,344 @@
+"""The adapter core against SPEC section 2, checked with an independent float64 NumPy implementation.
+
+Tolerances: the library computes in float32; against float64 references with O(1) values we allow
+1e-5 relative + 1e-5 absolute (a few float32 ulps after a handful of matmuls of size <= 16).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import sora_jax as sj
+from sora_jax.config import AdapterError
+from sora_jax.dense import adapted_dense, dora_norm
+
+METHODS = sj.METHODS
+# every method with the paper's rotation, and the exact rotations for the methods that rotate
+METHOD_ROTATIONS = [(m, "taylor") for m in METHODS] + [
+    (m, r) for m in ("sora", "pre_ortho", "post_ortho") for r in ("cayley", "exp")
+]
+RTOL = ATOL = 1e-5
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+def make_params(seed: int = 0, dtype=jnp.float32) -> dict:
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape):
+        return jnp.asarray(rng.normal(size=shape), dtype)
+
+    return {
+        "enc": {
+            "layer_0": {
+                "attn": {
+                    "query": {"kernel": arr(12, 10), "bias": arr(10)},
+                    "nobias": {"kernel": arr(12, 8)},
+                },
+                "ln": {"scale": arr(12), "bias": arr(12)},
+            }
+        },
+        "stacked": {"kernel": arr(3, 12, 10), "bias": arr(3, 10)},
+    }
+
+
+TARGETS = ["query", "nobias", "stacked"]
+
+
+def randomize(adapter: sj.Adapter, seed: int = 1) -> sj.Adapter:
+    """Trained-looking adapter: every leaf random and non-zero, C != D, m and d away from 1."""
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for path, lv in adapter.layers.items():
+        new = {}
+        for name, v in lv.items():
+            x = rng.normal(size=v.shape)
+            new[name] = jnp.asarray(1.0 + 0.2 * x if name in ("m", "d") else 0.5 * x, v.dtype)
+        layers[path] = new
+    return sj.Adapter(adapter.config, layers)
+
+
+def config(method: str, **kw) -> sj.AdapterConfig:
+    kw.setdefault("r", 3)
+    kw.setdefault("lora_alpha", 6)
+    kw.setdefault("rotation_rank", 2)
+    return sj.AdapterConfig(method=method, target_modules=TARGETS, **kw)
+
+
+# -- float64 NumPy reference of SPEC section 2 --------------------------------------------------
+def np_rotation(C, D, initial_s_p, kind):
+    sp = min(1.0, initial_s_p / (np.linalg.norm(C) + np.linalg.norm(D) + 1e-6))
+    K = sp * (C @ D.T - D @ C.T)
+    eye = np.eye(K.shape[0])
+    if kind == "taylor":
+        return eye + K
+    if kind == "exp":
+        return scipy.linalg.expm(K)
+    return np.linalg.solve(eye - K / 2, eye + K / 2)
+
+
+def np_effective(W, b, lv, method, s, initial_s_p=1.0, kind="taylor"):
+    lv = {k: np.asarray(v, np.float64) for k, v in lv.items()}
+    W = np.asarray(W, np.float64)
+    b = None if b is None else np.asarray(b, np.float64)
+    AB = s * lv["A"] @ lv["B"]
+    R = np_rotation(lv["C"], lv["D"], initial_s_p, kind) if "C" in lv else None
+    if method == "lora":
+        return W + AB, b
+    if method == "dora":
+        V = W + AB
+        return V * (lv["m"] / np.linalg.norm(V, axis=0)), b
+    if method == "prediag":
+        return W * lv["d"] + AB, None if b is None else lv["d"] * b
+    if method == "pre_ortho":
+        return W @ R + AB, None if b is None else b @ R
+    if method == "post_ortho":
+        return (W + AB) @ R, None if b is None else b @ R
+    if method == "sora":
+        return (W * lv["d"] + AB) @ R, None if b is None else (lv["d"] * b) @ R
+    raise AssertionError(method)
+
+
+def module(params, path):
+    node = params
+    for k in path.split("/"):
+        node = node[k]
+    return node
+
+
+# -- tests ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_identity_at_init(method):
+    params = make_params()
+    adapter = sj.init_adapter(jax.random.key(0), params, config(method))
+    out = sj.apply_adapter(params, adapter)
+    for (p, a), (_, b) in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(out), strict=True
+    ):
+        if method == "dora":
+            # m = colnorm(W) and n = colnorm(W): m / n is 1 up to float32 rounding of the two norms.
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6, err_msg=str(p))
+        else:
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(p))
+    # initial values follow SPEC: B = 0, A bounded by 1/sqrt(d_in), D == C, d == 1, m = colnorm(W)
+    lv = adapter.layers["enc/layer_0/attn/query"]
+    assert not np.any(np.asarray(lv["B"]))
+    assert np.abs(np.asarray(lv["A"])).max() <= 1 / np.sqrt(12) and np.abs(np.asarray(lv["A"])).max() > 0
+    if "C" in lv:
+        np.testing.assert_array_equal(lv["C"], lv["D"])
+        assert np.abs(np.asarray(lv["C"])).max() <= 1 / np.sqrt(10)
+    if "d" in lv:
+        np.testing.assert_array_equal(lv["d"], np.ones(10))
+    if "m" in lv:
+        W = np.asarray(params["enc"]["layer_0"]["attn"]["query"]["kernel"], np.float64)
+        np.testing.assert_allclose(lv["m"], np.linalg.norm(W, axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "rotation"), METHOD_ROTATIONS)
+def test_apply_matches_numpy_reference(method, rotation):
+    params = make_params()
+    cfg = config(method, rotation=rotation, initial_s_p=0.7)
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, cfg))
+    out = sj.apply_adapter(params, adapter)
+    s = cfg.scaling_for("x")
+    assert s == 2.0
+    for path in ("enc/layer_0/attn/query", "enc/layer_0/attn/nobias", "stacked"):
+        mod, new, lv = module(params, path), module(out, path), adapter.layers[path]
+        W, b = np.asarray(mod["kernel"]), mod.get("bias")
+        if W.ndim == 2:
+            Wr, br = np_effective(W, b, lv, method, s, 0.7, rotation)
+        else:
+            res = [
+                np_effective(W[i], None if b is None else b[i], {k: v[i] for k, v in lv.items()}, method, s, 0.7, rotation)
+                for i in range(W.shape[0])
+            ]
+            Wr = np.stack([r[0] for r in res])
+            br = None if b is None else np.stack([r[1] for r in res])
+        np.testing.assert_allclose(np.asarray(new["kernel"]), Wr, rtol=RTOL, atol=ATOL, err_msg=path)
+        if br is not None:
+            np.testing.assert_allclose(np.asarray(new["bias"]), br, rtol=RTOL, atol=ATOL, err_msg=path)
+    # untargeted leaves are passed through as the very same objects
+    assert out["enc"]["layer_0"]["ln"]["scale"] is params["enc"]["layer_0"]["ln"]["scale"]
+
+
+@pytest.mark.parametrize(("method", "rotation"), METHOD_ROTATIONS)
+def test_activation_path_equals_weight_path(method, rotation):
+    params = make_params()
+    cfg = sj.AdapterConfig(method=method, r=3, lora_alpha=6, rotation_rank=2, rotation=rotation,
+                           target_modules=["query", "nobias"])
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, cfg))
+    eff = sj.apply_adapter(params, adapter)
+    dense = adapted_dense(adapter)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 12)), jnp.float32)
+    for path in ("enc/layer_0/attn/query", "enc/layer_0/attn/nobias"):
+        mod, new = module(params, path), module(eff, path)
+        got = dense(tuple(path.split("/")), x, mod["kernel"], mod.get("bias"))
+        want = x @ new["kernel"] + new.get("bias", 0.0)
+        assert got.shape == (2, 5, new["kernel"].shape[1])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=path)
+    # a module without adapter leaves is a plain dense layer
+    W = params["stacked"]["kernel"][0]
+    np.testing.assert_allclose(np.asarray(dense(("other",), x, W, None)), np.asarray(x @ W), rtol=1e-6, atol=1e-6)
+
+
+def test_dora_norm_from_factors_matches_direct():
+    rng = np.random.default_rng(0)
+    W, A, B = rng.normal(size=(12, 10)), rng.normal(size=(12, 3)), rng.normal(size=(3, 10))
+    want = np.linalg.norm(W + 1.5 * A @ B, axis=0)
+    got = dora_norm(jnp.asarray(W, jnp.float32), jnp.asarray(A, jnp.float32), jnp.asarray(B, jnp.float32), 1.5)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+def test_lora_dropout_on_adapter_branch_only():
+    params = make_params()
+    cfg = sj.AdapterConfig(method="lora", r=3, target_modules=["query"], lora_dropout=0.5)
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, cfg))
+    mod = params["enc"]["layer_0"]["attn"]["query"]
+    path = ("enc", "layer_0", "attn", "query")
+    x = jnp.ones((64, 12))
+    no_drop = adapted_dense(adapter)(path, x, mod["kernel"], mod["bias"])
+    drop = adapted_dense(adapter, jax.random.key(1))(path, x, mod["kernel"], mod["bias"])
+    assert not np.allclose(np.asarray(drop), np.asarray(no_drop))
+    # the frozen branch is untouched: removing the adapter branch leaves x W + b in both cases
+    zero_b = sj.Adapter(cfg, {k: {**v, "B": jnp.zeros_like(v["B"])} for k, v in adapter.layers.items()})
+    plain = x @ mod["kernel"] + mod["bias"]
+    np.testing.assert_allclose(
+        np.asarray(adapted_dense(zero_b, jax.random.key(1))(path, x, mod["kernel"], mod["bias"])),
+        np.asarray(plain), rtol=1e-6, atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_jit_grad_through_apply(method):
+    params = make_params()
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, config(method)))
+    x = jnp.ones((4, 12))
+
+    def loss(ad):
+        p = sj.apply_adapter(params, ad)
+        y = x @ p["enc"]["layer_0"]["attn"]["query"]["kernel"] + p["enc"]["layer_0"]["attn"]["query"]["bias"]
+        z = jnp.einsum("bi,lio->lbo", x, p["stacked"]["kernel"])
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(z))
+
+    g = jax.jit(jax.grad(loss))(adapter)
+    assert isinstance(g, sj.Adapter) and g.config == adapter.config
+    for path in ("enc/layer_0/attn/query", "stacked"):
+        for name, v in g.layers[path].items():
+            assert np.all(np.isfinite(v)) and np.abs(np.asarray(v)).max() > 0, (path, name)
+
+
+def test_merge_float32_cast_back_and_equals_unmerged():
+    params = make_params()
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, config("sora")))
+    merged = sj.merge(params, adapter)
+    eff = sj.apply_adapter(params, adapter)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(eff), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    p16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
+    m16 = sj.merge(p16, adapter)
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(m16))
+    # computed in float32 from the bf16 weights, then rounded once
+    want = sj.apply_adapter(jax.tree.map(lambda v: v.astype(jnp.float32), p16), adapter)
+    np.testing.assert_array_equal(
+        np.asarray(m16["stacked"]["kernel"]), np.asarray(want["stacked"]["kernel"].astype(jnp.bfloat16))
+    )
+
+
+def test_save_load_bit_exact(tmp_path):
+    params = make_params()
+    cfg = config("sora", rank_pattern={"stacked": 2}, alpha_pattern={"query": 3.0}, rotation="cayley")
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, cfg))
+    adapter.layers["stacked"]["A"] = adapter.layers["stacked"]["A"].astype(jnp.bfloat16)
+    sj.save_adapter(adapter, tmp_path / "ad")
+    back = sj.load_adapter(tmp_path / "ad")
+    assert back.config == adapter.config
+    assert jax.tree.structure(back) == jax.tree.structure(adapter)
+    for a, b in zip(jax.tree.leaves(adapter), jax.tree.leaves(back), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    with pytest.raises(AdapterError, match="not a sora-jax adapter directory"):
+        sj.load_adapter(tmp_path)
+
+
+def test_config_json_round_trip_and_hashable():
+    cfg = config("sora", rank_pattern={"q": 4}, alpha_pattern={"v": 2}, modules_to_save=["classifier"])
+    back = sj.AdapterConfig.from_json(cfg.to_json())
+    assert back == cfg and hash(back) == hash(cfg)
+    assert json.loads(cfg.to_json())["target_modules"] == TARGETS
+    assert cfg.rank_for("enc/q") == 4 and cfg.rank_for("enc/k") == 3
+    assert cfg.scaling_for("enc/v") == pytest.approx(2 / 3)
+    assert sj.AdapterConfig(r=16, lora_alpha=16, use_rslora=True).scaling_for("x") == pytest.approx(4.0)
+    with pytest.raises(AdapterError, match="unknown AdapterConfig fields"):
+        sj.AdapterConfig.from_dict({"method": "lora", "rank": 3})
+
+
+def test_targeting_rules():
+    params = {"a": {"query": {"kernel": jnp.ones((4, 4))}}, "b": {"xquery": {"kernel": jnp.ones((4, 4))}},
+              "attention": {"output": {"dense": {"kernel": jnp.ones((4, 4))}}}, "output": {"dense": {"kernel": jnp.ones((4, 4))}}}
+    sel = lambda **kw: set(sj.init_adapter(jax.random.key(0), params, sj.AdapterConfig(r=1, **kw)).layers)  # noqa: E731
+    assert sel(target_modules=["query"]) == {"a/query"}  # suffix on a path component, not a substring
+    assert sel(target_modules=["attention.output.dense"]) == {"attention/output/dense"}  # PEFT dots
+    assert sel(target_modules=["output/dense"]) == {"attention/output/dense", "output/dense"}
+    assert sel(target_modules=r".*query") == {"a/query", "b/xquery"}  # regex: fullmatch
+    assert sel(target_modules=["dense", "query"], exclude_modules=["attention.output.dense"]) == {"a/query", "output/dense"}
+
+
+def test_module_init_independent_of_other_targets():
+    params = make_params()
+    a1 = sj.init_adapter(jax.random.key(0), params, sj.AdapterConfig(r=2, target_modules=["query"]))
+    a2 = sj.init_adapter(jax.random.key(0), params, sj.AdapterConfig(r=2, target_modules=TARGETS))
+    np.testing.assert_array_equal(a1.layers["enc/layer_0/attn/query"]["A"], a2.layers["enc/layer_0/attn/query"]["A"])
+    # stacked slices get different initial values
+    A = np.asarray(a2.layers["stacked"]["A"])
+    assert not np.array_equal(A[0], A[1])
+
+
+# -- errors --------------------------------------------------------------------------------------
+def test_error_pattern_matches_nothing_lists_paths():
+    with pytest.raises(AdapterError, match=r"matches no kernel.*enc/layer_0/attn/query"):
+        sj.init_adapter(jax.random.key(0), make_params(), sj.AdapterConfig(target_modules=["qkv"]))
+    with pytest.raises(AdapterError, match="target_modules is not set"):
+        sj.init_adapter(jax.random.key(0), make_params(), sj.AdapterConfig())
+
+
+def test_error_rank_too_large():
+    with pytest.raises(AdapterError, match=r"rank r=9 is larger than min\(d_in, d_out\)=8 .*'enc/layer_0/attn/nobias'"):
+        sj.init_adapter(jax.random.key(0), make_params(), sj.AdapterConfig(r=9, target_modules=["nobias"]))
+
+
+def test_error_rotation_rank_too_large():
+    with pytest.raises(AdapterError, match=r"rotation_rank=5 is too large for module 'enc/layer_0/attn/nobias' \(d_out=8\)"):
+        sj.init_adapter(jax.random.key(0), make_params(),
+                        sj.AdapterConfig(method="sora", r=2, rotation_rank=5, target_modules=["nobias"]))
+
+
+def test_error_non_matrix_leaf():
+    params = {"weird": {"kernel": jnp.ones((5,))}}
+    with pytest.raises(AdapterError, match=r"'weird' is selected but its kernel has shape \(5,\), not a matrix"):
+        sj.init_adapter(jax.random.key(0), params, sj.AdapterConfig(r=1, target_modules=["weird"]))
+
+
+def test_error_adapter_does_not_fit_params():
+    params = make_params()
+    adapter = sj.init_adapter(jax.random.key(0), params, config("lora"))
+    other = jax.tree.map(lambda v: v, params)
+    other["enc"]["layer_0"]["attn"]["query"]["kernel"] = jnp.ones((12, 11))
+    with pytest.raises(AdapterError, match=r"'enc/layer_0/attn/query': leaf B has shape \(3, 10\), but the kernel"):
+        sj.apply_adapter(other, adapter)
+    del other["stacked"]
+    with pytest.raises(AdapterError, match=r"'stacked': no such module"):
+        sj.merge(other, adapter)
+
+
+def test_error_bad_config_values():
+    with pytest.raises(AdapterError, match="unknown method 'vera'"):
+        sj.AdapterConfig(method="vera")
+    with pytest.raises(AdapterError, match="unknown rotation 'givens'"):
+        sj.AdapterConfig(rotation="givens")
+    with pytest.raises(AdapterError, match="rank r must be a positive integer"):
+        sj.AdapterConfig(r=0)

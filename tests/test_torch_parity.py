@@ -1,0 +1,141 @@
+"""Parity with PyTorch: PEFT's LoRA and DoRA on an ``nn.Linear``, and a PyTorch SORA written from SPEC.
+
+Both sides compute in float32 with different summation orders; outputs are O(1-10) and we allow
+2e-5 relative + 2e-5 absolute on outputs and 1e-4 on gradients (sums over the batch of 16 rows).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+import sora_jax as sj
+
+D_IN, D_OUT, R, ALPHA, N = 12, 10, 4, 8, 16
+TOL = {"rtol": 2e-5, "atol": 2e-5}
+GTOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(D_IN, D_OUT)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def t2n(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def jax_loss_and_grads(params, adapter, x, G):
+    def loss(ad):
+        p = sj.apply_adapter(params, ad)
+        y = x @ p["lin"]["kernel"] + p["lin"]["bias"]
+        return jnp.sum(y * G), y
+
+    (_, y), g = jax.value_and_grad(loss, has_aux=True)(adapter)
+    return np.asarray(y), {k: np.asarray(v) for k, v in g.layers["lin"].items()}
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_lora_dora_outputs_and_gradients(use_dora):
+    torch.manual_seed(0)
+    net = Net()
+    model = peft.get_peft_model(
+        net, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], lora_dropout=0.0, use_dora=use_dora)
+    )
+    lin = model.base_model.model.lin
+    with torch.no_grad():
+        lin.lora_B["default"].weight.normal_()  # non-zero, trained-looking
+        if use_dora:
+            lin.lora_magnitude_vector["default"].weight.mul_(1 + 0.2 * torch.randn(D_OUT))
+    x = torch.randn(N, D_IN)
+    G = torch.randn(N, D_OUT)
+    y_t = model(x)
+    (y_t * G).sum().backward()
+
+    W = t2n(lin.base_layer.weight)
+    params = {"lin": {"kernel": jnp.asarray(W.T), "bias": jnp.asarray(t2n(lin.base_layer.bias))}}
+    cfg = sj.AdapterConfig(method="dora" if use_dora else "lora", r=R, lora_alpha=ALPHA, target_modules=["lin"])
+    layers = {"A": jnp.asarray(t2n(lin.lora_A["default"].weight).T), "B": jnp.asarray(t2n(lin.lora_B["default"].weight).T)}
+    if use_dora:
+        layers["m"] = jnp.asarray(t2n(lin.lora_magnitude_vector["default"].weight))
+    adapter = sj.Adapter(cfg, {"lin": layers})
+    y_j, g = jax_loss_and_grads(params, adapter, jnp.asarray(t2n(x)), jnp.asarray(t2n(G)))
+
+    np.testing.assert_allclose(y_j, t2n(y_t), **TOL)
+    np.testing.assert_allclose(g["A"], t2n(lin.lora_A["default"].weight.grad).T, **GTOL)
+    np.testing.assert_allclose(g["B"], t2n(lin.lora_B["default"].weight.grad).T, **GTOL)
+    if use_dora:
+        np.testing.assert_allclose(g["m"], t2n(lin.lora_magnitude_vector["default"].weight.grad), **GTOL)
+        # our initial m is PEFT's initial magnitude: colnorm(W)
+        init = sj.init_adapter(jax.random.key(0), params, cfg)
+        base = Net()
+        with torch.no_grad():
+            base.lin.weight.copy_(torch.from_numpy(W))
+        fresh = peft.get_peft_model(base, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True))
+        fresh_lin = fresh.base_model.model.lin
+        np.testing.assert_allclose(
+            np.asarray(init.layers["lin"]["m"]), t2n(fresh_lin.lora_magnitude_vector["default"].weight), rtol=1e-6
+        )
+
+
+class TorchSORA(torch.nn.Module):
+    """SPEC section 2's SORA in activation form: ``y = (d * (x W + b) + s x A B) R``, ``R = I + K``,
+    ``K = s_p (C D^T - D C^T)``, ``s_p = min(1, 1 / (||C|| + ||D|| + 1e-6))`` with gradients through
+    the norms. PyTorch layout: ``weight (d_out, d_in)``, ``lora_A (r, d_in)``, ``lora_B (d_out, r)``."""
+
+    def __init__(self, weight, bias, A, B, d, C, D, scaling, initial_s_p=1.0):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.A, self.B, self.d = (torch.nn.Parameter(t) for t in (A, B, d))
+        self.C, self.D = torch.nn.Parameter(C), torch.nn.Parameter(D)
+        self.scaling, self.initial_s_p = scaling, initial_s_p
+
+    def forward(self, x):
+        y = self.d * torch.nn.functional.linear(x, self.weight, self.bias)
+        y = y + self.scaling * (x @ self.A.T) @ self.B.T
+        s_p = torch.clamp(self.initial_s_p / (self.C.norm() + self.D.norm() + 1e-6), max=1.0)
+        return y + s_p * ((y @ self.C) @ self.D.T - (y @ self.D) @ self.C.T)
+
+
+@pytest.mark.parametrize("big_factors", [False, True])
+def test_sora_against_pytorch_reference(big_factors):
+    g = torch.Generator().manual_seed(0)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    W, b = rn(D_OUT, D_IN), rn(D_OUT)
+    A, B, d = 0.3 * rn(R, D_IN), 0.3 * rn(D_OUT, R), 1 + 0.2 * rn(D_OUT)
+    # big factors: ||C|| + ||D|| > 1, so s_p < 1 and the gradient flows through the norms
+    scale = 1.0 if big_factors else 0.05
+    C, D = scale * rn(D_OUT, 2), scale * rn(D_OUT, 2)
+    ref = TorchSORA(W, b, A, B, d, C, D, scaling=ALPHA / R)
+    x, G = rn(N, D_IN), rn(N, D_OUT)
+    y_t = ref(x)
+    (y_t * G).sum().backward()
+    sp = float(1.0 / (C.norm() + D.norm() + 1e-6))
+    assert (sp < 1) == big_factors
+
+    params = {"lin": {"kernel": jnp.asarray(t2n(W).T), "bias": jnp.asarray(t2n(b))}}
+    cfg = sj.AdapterConfig(method="sora", r=R, lora_alpha=ALPHA, rotation_rank=2, target_modules=["lin"])
+    adapter = sj.Adapter(cfg, {"lin": {
+        "A": jnp.asarray(t2n(A).T), "B": jnp.asarray(t2n(B).T), "d": jnp.asarray(t2n(d)),
+        "C": jnp.asarray(t2n(C)), "D": jnp.asarray(t2n(D)),
+    }})
+    y_j, grads = jax_loss_and_grads(params, adapter, jnp.asarray(t2n(x)), jnp.asarray(t2n(G)))
+    np.testing.assert_allclose(y_j, t2n(y_t), **TOL)
+    np.testing.assert_allclose(grads["A"], t2n(ref.A.grad).T, **GTOL)
+    np.testing.assert_allclose(grads["B"], t2n(ref.B.grad).T, **GTOL)
+    for name in ("d", "C", "D"):
+        np.testing.assert_allclose(grads[name], t2n(getattr(ref, name).grad), **GTOL, err_msg=name)
+    # the activation path gives the same outputs and gradients
+    dense = lambda ad: sj.adapted_dense(ad)(("lin",), jnp.asarray(t2n(x)), params["lin"]["kernel"], params["lin"]["bias"])  # noqa: E731
+    (_, y_a), g_a = jax.value_and_grad(lambda ad: (jnp.sum(dense(ad) * jnp.asarray(t2n(G))), dense(ad)), has_aux=True)(adapter)
+    np.testing.assert_allclose(np.asarray(y_a), t2n(y_t), **TOL)
+    for name in ("A", "B", "d", "C", "D"):
+        np.testing.assert_allclose(np.asarray(g_a.layers["lin"][name]), grads[name], **GTOL, err_msg=name)
