@@ -14,6 +14,7 @@ are stored transposed (``W: (d_in, d_out)`` here, ``(d_out, d_in)`` in PyTorch).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -65,3 +66,159 @@ def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 def params_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Our parameter tree -> a Hugging Face state dict of NumPy arrays (PyTorch names and layout)."""
     return {hf_key(p): np.ascontiguousarray(to_hf_layout(p, np.asarray(v))) for p, v in iter_paths(params)}
+
+
+# -- checkpoint state dicts -> our parameter tree --------------------------------------------------
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model; the message lists every problem at once."""
+
+    def __init__(self, problems: list[str], source: str = "checkpoint"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} does not match the model ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# legacy names that transformers renames on load ("legacy" conversion mapping)
+_LEGACY_RENAMES = (
+    (re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
+    (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
+)
+
+
+def rename_legacy(key: str) -> str:
+    """``...LayerNorm.gamma`` -> ``...LayerNorm.weight``, ``...LayerNorm.beta`` -> ``...LayerNorm.bias``."""
+    for pattern, new in _LEGACY_RENAMES:
+        key = pattern.sub(new, key)
+    return key
+
+
+def flax_tree_to_params(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face *Flax* parameter tree -> ours: numeric path parts join their parent
+    (``layer/0`` -> ``layer_0``). Leaves (``kernel``/``scale``/``embedding``/``bias``) are already in
+    the JAX layout. A top-level ``{"params": ...}`` wrapper is removed."""
+    if set(tree) == {"params"} and isinstance(tree["params"], Mapping):
+        tree = tree["params"]
+    out: dict[str, Any] = {}
+    for path, leaf in iter_paths(tree):
+        parts: list[str] = []
+        for c in path:
+            if str(c).isdigit() and parts:
+                parts[-1] = f"{parts[-1]}_{c}"
+            else:
+                parts.append(str(c))
+        set_path(out, tuple(parts), np.asarray(leaf))
+    return out
+
+
+@dataclasses.dataclass
+class MatchReport:
+    """What :func:`state_dict_to_params` did besides loading: all lists of our paths or HF keys.
+
+    Attributes:
+      initialized: our paths of head parameters absent from the checkpoint (to be initialised).
+      tied: our paths filled from the parameter they are tied to.
+      ignored: checkpoint keys the model does not use (buffers, pre-training heads, pooler).
+      dropped_heads: checkpoint keys of a task head the built model does not have.
+    """
+
+    initialized: list[str] = dataclasses.field(default_factory=list)
+    tied: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+    dropped_heads: list[str] = dataclasses.field(default_factory=list)
+
+
+def _adjust_prefix(keys: list[str], model_keys: set[str], prefix: str) -> dict[str, str]:
+    """``{checkpoint key: key in the model's naming}``, adding or stripping ``base_model_prefix``
+    the way ``transformers`` does (a ``BertModel`` checkpoint has no ``bert.`` prefix)."""
+    p = prefix + "."
+    model_prefixed = any(k.startswith(p) for k in model_keys)
+    ckpt_prefixed = any(k.startswith(p) for k in keys)
+    if model_prefixed and not ckpt_prefixed:
+        return {k: p + k for k in keys}
+    if ckpt_prefixed and not model_prefixed:
+        return {k: k[len(p) :] if k.startswith(p) else k for k in keys}
+    return {k: k for k in keys}
+
+
+def state_dict_to_params(
+    state: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    *,
+    base_model_prefix: str,
+    head_prefixes: tuple[str, ...] = (),
+    ignore_hf_keys: tuple[str, ...] = (),
+    tied: tuple[tuple[str, str], ...] = (),
+    source: str = "checkpoint",
+) -> tuple[dict[str, Any], MatchReport]:
+    """A Hugging Face (PyTorch-named) state dict -> our parameter tree shaped like ``expected``.
+
+    Args:
+      state: ``{hf key: array}`` (NumPy or anything ``np.asarray`` takes; PyTorch layout).
+      expected: the model's parameter tree of shapes (``jax.eval_shape`` of ``init``, without the
+        ``{"params": ...}`` wrapper); leaves need ``.shape``.
+      base_model_prefix, head_prefixes, ignore_hf_keys, tied: as in
+        :class:`sora_jax.models.common.ModelFamily`. A checkpoint key matching ``ignore_hf_keys`` is
+        skipped unless the model has it; checkpoint keys of a head the model lacks are dropped.
+      source: names the checkpoint in error messages.
+
+    Returns:
+      ``(params, report)``: ``params`` holds every expected leaf except the head leaves listed in
+      ``report.initialized`` (the caller initialises those).
+
+    Raises:
+      CheckpointMismatchError: listing every missing key, unexpected key and wrong shape.
+    """
+    by_hf = {hf_key(p): (p, leaf) for p, leaf in iter_paths(expected)}
+    keys = list(state)
+    renamed = {k: rename_legacy(k) for k in keys}
+    adjusted = _adjust_prefix(list(renamed.values()), set(by_hf), base_model_prefix)
+    ignore = [re.compile(r) for r in ignore_hf_keys]
+    heads = tuple(head_prefixes)
+    model_heads = {p[0] for p, _ in iter_paths(expected) if p[0] in heads}
+    params: dict[str, Any] = {}
+    report = MatchReport()
+    problems: list[str] = []
+    seen: set[str] = set()
+    for k in keys:
+        name = adjusted[renamed[k]]
+        if name in by_hf:
+            path, leaf = by_hf[name]
+            value = from_hf_layout(path, np.asarray(state[k]))
+            if tuple(value.shape) != tuple(leaf.shape):
+                want = tuple(to_hf_layout(path, np.empty(leaf.shape, np.int8)).shape)
+                hint = (
+                    "a task head: pass num_labels equal to the checkpoint's, or load a base checkpoint"
+                    if path[0] in heads
+                    else "is the config.json the checkpoint's own?"
+                )
+                problems.append(
+                    f"shape mismatch for {k!r}: checkpoint {tuple(np.shape(state[k]))}, model expects {want} "
+                    f"(our {'/'.join(path)} {tuple(leaf.shape)}); {hint}"
+                )
+            seen.add(name)
+            set_path(params, path, value)
+        elif any(r.search(k) or r.search(name) for r in ignore):
+            report.ignored.append(k)
+        elif name.split(".")[0] in heads and name.split(".")[0] not in model_heads:
+            report.dropped_heads.append(k)
+        else:
+            problems.append(f"unexpected key {k!r} (no parameter {name!r} in the model)")
+    tied_map = dict(tied)
+    loaded = dict(iter_paths(params))
+    for name, (path, leaf) in sorted(by_hf.items()):
+        if name in seen:
+            continue
+        joined = "/".join(path)
+        src = loaded.get(tuple(tied_map.get(joined, "").split("/")))
+        if src is not None:
+            # a tied parameter (an output embedding): the source, transposed when the layouts differ
+            value = src if tuple(src.shape) == tuple(leaf.shape) else np.swapaxes(src, -1, -2)
+            set_path(params, path, value)
+            report.tied.append(joined)
+        elif path[0] in heads:
+            report.initialized.append(joined)
+        else:
+            problems.append(f"missing key {name!r} (our {joined})")
+    if problems:
+        raise CheckpointMismatchError(problems, source)
+    return params, report

