@@ -26,21 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sora_jax.models.common import Linear, ModelFamily, default_dense
+from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, default_dense
 
 Array = jax.Array
 
 TASKS = ("base", "sequence_classification")
-
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +73,8 @@ class BertSpec:
             )
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
             raise ValueError("decoder/cross-attention BERT configs are not supported; use an encoder config")
-        if config.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(
                 f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
@@ -234,7 +224,7 @@ class Intermediate(_Base):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return _ACTIVATIONS[self.spec.hidden_act](self.linear(self.spec.intermediate_size, "dense")(x))
+        return ACTIVATIONS[self.spec.hidden_act](self.linear(self.spec.intermediate_size, "dense")(x))
 
 
 class Encoder(_Base):

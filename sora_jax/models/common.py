@@ -21,6 +21,7 @@ norm's ``weight``) and ``embedding`` (an ``nn.Embedding.weight``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -31,10 +32,37 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+# Hugging Face ``ACT2FN`` names -> JAX functions (``"gelu"`` is the exact, erf-based GELU).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The JAX function for a Hugging Face activation name (``config.hidden_act``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}. "
+            "Set the config's activation to one of these."
+        ) from None
+
+
 class DenseFn(Protocol):
-    def __call__(
-        self, path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None
-    ) -> Array: ...
+    def __call__(self, path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None) -> Array: ...
 
 
 def default_dense(path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None) -> Array:
@@ -63,11 +91,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = (
-            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         return self.dense_fn(tuple(self.path), x.astype(self.dtype), kernel, bias)
 
 
@@ -83,7 +107,8 @@ class ModelFamily:
       base_model_prefix: Hugging Face's ``base_model_prefix`` (``"bert"``, ``"deberta"``, ``"model"``).
       head_prefixes: top-level parameter names that belong to a task head (initialised when a
         checkpoint lacks them, reported to the user).
-      ignore_hf_keys: regexes of checkpoint keys that are buffers, not parameters (ignored).
+      ignore_hf_keys: regexes of checkpoint keys skipped when the model has no such parameter (buffers,
+        pre-training heads, a pooler that the task's model lacks).
       tied: ``{our_path: source_path}`` for parameters that may be tied to another in the checkpoint
         (``lm_head/kernel`` from the input embedding when ``tie_word_embeddings``).
     """

@@ -20,7 +20,6 @@ span (``position_buckets`` when positive, else ``max_relative_positions``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,35 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.models.common import Array, Linear, ModelFamily, default_dense
-
-# Hugging Face ``ACT2FN`` names -> JAX functions (``"gelu"`` is the exact, erf-based GELU).
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-def activation(name: str) -> Callable[[Array], Array]:
-    """The JAX function for a Hugging Face activation name (``config.hidden_act``)."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}. "
-            "Set the config's activation to one of these."
-        ) from None
+from sora_jax.models.common import ACTIVATIONS, Array, Linear, ModelFamily, activation, default_dense
 
 
 @dataclasses.dataclass(frozen=True)

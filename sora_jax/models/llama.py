@@ -28,18 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.models.common import Linear, ModelFamily, default_dense
+from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, default_dense
 
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-}
 ROPE_TYPES = ("default", "linear", "llama3")
 TASKS = ("base", "causal_lm", "sequence_classification")
 
