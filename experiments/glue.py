@@ -1,0 +1,582 @@
+"""Fine-tune an encoder on a GLUE task with an adapter method (or in full) and report dev metrics.
+
+Examples::
+
+    python experiments/glue.py --method sora                       # MiniLM on MRPC, offline
+    python experiments/glue.py --method lora --task rte --epochs 5 --lr 5e-4
+    python experiments/glue.py --method sora --model microsoft/deberta-v3-base --task rte   # the paper
+    python experiments/glue.py --grid --methods lora,sora --lrs 1e-4,5e-4 --seeds 0,1,2    # the protocol
+    python experiments/glue.py --method sora --output-dir runs/x --resume                  # continue a run
+
+Each run writes ``<output-dir>/results.json`` (configuration, dev metrics per epoch, best metric,
+trainable parameters, step-time statistics, per-layer update spectrum, versions, devices),
+``dev_predictions.npz`` (the last evaluation's logits and labels), the trained adapter
+(``adapter/``) and orbax checkpoints (``checkpoints/``). ``--grid`` runs every method x learning rate
+x seed and writes ``summary.json`` / ``summary.md``: mean +- std over seeds per method and learning
+rate, and the best learning rate per method (SPEC section 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+import sora_jax  # noqa: E402
+from sora_jax import train  # noqa: E402
+from sora_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from sora_jax.data import glue as data  # noqa: E402
+
+METHODS = ("full", *sora_jax.METHODS)
+TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
+
+# the paper's six targets per encoder block, by Hugging Face model_type (SPEC section 5)
+TARGETS = {
+    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    "deberta-v2": (
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ),
+}
+TARGETS["roberta"] = TARGETS["xlm-roberta"] = TARGETS["bert"]
+HEAD = ("classifier",)  # modules_to_save: the classification head (the pooler stays frozen)
+
+# default peak learning rates (adapter/base, head), chosen on MiniLM + MRPC
+DEFAULT_LR = {"full": (5e-5, 5e-5), "adapter": (1e-3, 1e-3)}
+
+# arguments that do not change the training trajectory (left out of the resume fingerprint)
+NON_TRAJECTORY = (
+    "output_dir",
+    "resume",
+    "overwrite",
+    "export_merged",
+    "mesh",
+    "save_every",
+    "keep",
+    "grid",
+    "lrs",
+    "seeds",
+    "methods",
+    "data_dir",
+    "no_progress",
+    "replicate_adapter",
+)
+
+
+# -- arguments ---------------------------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _methods(text: str) -> list[str]:
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [m for m in out if m not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    return out
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="GLUE fine-tuning with LoRA, DoRA, Pre-Diag, SORA, Pre/Post-Ortho or full fine-tuning.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--method", choices=METHODS, default="sora")
+    p.add_argument("--task", choices=TASK_NAMES, default="mrpc")
+    p.add_argument("--model", default="minilm", help="alias 'minilm', a Hugging Face hub id or a local directory")
+    p.add_argument("--data-dir", default=None, help="GLUE data root (default: sora_jax.data.glue.find_data_dir())")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--r", type=_positive(int), default=16)
+    g.add_argument("--lora-alpha", type=_positive(float), default=16.0)
+    g.add_argument("--rotation-rank", type=_positive(int), default=1)
+    g.add_argument("--rotation", choices=sora_jax.ROTATIONS, default="taylor")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    t = p.add_argument_group("training")
+    t.add_argument(
+        "--lr", type=_positive(float), default=None, help="adapter lr (full: every param); default by method"
+    )
+    t.add_argument("--head-lr", type=_positive(float), default=None, help="classifier lr; default by method")
+    t.add_argument("--epochs", type=_positive(int), default=5)
+    t.add_argument("--batch-size", type=_positive(int), default=32)
+    t.add_argument("--max-length", type=_positive(int), default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-train-samples", type=_positive(int), default=None)
+    t.add_argument("--max-eval-samples", type=_positive(int), default=None)
+    t.add_argument("--warmup-ratio", type=float, default=0.06)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--max-grad-norm", type=_positive(float), default=None)
+    t.add_argument("--grad-accum", type=_positive(int), default=1)
+    t.add_argument("--path", choices=train.PATHS, default="activation", help="adapter on activations or on weights")
+    t.add_argument("--no-dropout", action="store_true", help="train without the model's dropout")
+    o = p.add_argument_group("output and checkpoints")
+    o.add_argument("--output-dir", default=None, help="default runs/<task>-<method>-<model>-lr<lr>-s<seed>")
+    o.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    o.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --output-dir")
+    o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at epoch ends)")
+    o.add_argument("--keep", type=_positive(int), default=2, help="checkpoints kept")
+    o.add_argument("--export-merged", action="store_true", help="also export a merged transformers checkpoint")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("devices")
+    d.add_argument("--mesh", default=None, help='device mesh, e.g. "data=4,model=2" (default: one device)')
+    d.add_argument("--replicate-adapter", action="store_true", help="replicate adapter factors on the model axis")
+    s = p.add_argument_group("grid (the paper's protocol)")
+    s.add_argument("--grid", action="store_true", help="run methods x lrs x seeds and write a summary table")
+    s.add_argument("--methods", type=_methods, default=None, help="grid methods (default: --method)")
+    s.add_argument("--lrs", type=_floats, default=None, help="grid learning rates (default: --lr)")
+    s.add_argument("--seeds", type=_ints, default=None, help="grid seeds (default: 0,1,2)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        parser.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.save_every < 0:
+        parser.error(f"--save-every must be >= 0, got {args.save_every}")
+    if args.batch_size % args.grad_accum:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
+    if not args.grid and (args.methods or args.lrs or args.seeds):
+        parser.error("--methods/--lrs/--seeds only apply with --grid")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    return args
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def default_lrs(method: str) -> tuple[float, float]:
+    return DEFAULT_LR["full" if method == "full" else "adapter"]
+
+
+def model_tag(model: str) -> str:
+    return Path(model.rstrip("/")).name.replace("/", "_") or "model"
+
+
+def default_output_dir(args: argparse.Namespace) -> Path:
+    return Path("runs") / f"{args.task}-{args.method}-{model_tag(args.model)}-lr{args.lr:g}-s{args.seed}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "sora_jax": sora_jax.__version__}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "tokenizers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def device_info() -> list[str]:
+    return [f"{d.platform}:{d.id}:{getattr(d, 'device_kind', '')}" for d in jax.devices()]
+
+
+def run_config(args: argparse.Namespace, adapter_config: Any, train_config: train.TrainConfig) -> dict[str, Any]:
+    """Everything that determines the training trajectory (the resume fingerprint's input)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in NON_TRAJECTORY}
+    cfg["adapter"] = None if adapter_config is None else adapter_config.to_dict()
+    cfg["train"] = train_config.to_dict()
+    return cfg
+
+
+# -- one run -----------------------------------------------------------------------------------------
+def evaluate(
+    trainer: train.Trainer, state: train.TrainState, task: str, dev: dict[str, list[dict]]
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Dev metrics (``compute_metrics``; with several dev splits, keys ``<split>/<metric>`` and ``main``
+    of the first) and, per split, logits and labels in the split's original example order."""
+    metrics: dict[str, float] = {}
+    preds: dict[str, np.ndarray] = {}
+    for split, batches in dev.items():
+        n = sum(int((np.asarray(b["weights"]) > 0).sum()) for b in batches)
+        logits = np.zeros((n, trainer.num_labels), np.float32)
+        labels = np.zeros((n,), np.asarray(batches[0]["labels"]).dtype)
+        for b in batches:
+            keep = np.asarray(b["weights"]) > 0
+            idx = np.asarray(b["index"])[keep]
+            logits[idx] = trainer.predict(state, b)[keep]
+            labels[idx] = np.asarray(b["labels"])[keep]
+        m = {k: float(v) for k, v in data.compute_metrics(task, logits, labels).items()}
+        if len(dev) == 1:
+            metrics.update(m)
+        else:
+            metrics.update({f"{split}/{k}": v for k, v in m.items()})
+            metrics.setdefault("main", m["main"])
+        preds[f"{split}_logits"], preds[f"{split}_labels"] = logits, labels
+    return metrics, preds
+
+
+class Progress:
+    """A tqdm bar over optimizer steps with the smoothed loss and examples/s (ETA from tqdm)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+        self.loss: float | None = None
+
+    def step(self, info: train.StepInfo) -> None:
+        self.loss = info.loss if self.loss is None else 0.9 * self.loss + 0.1 * info.loss
+        self.bar.set_postfix(
+            loss=f"{self.loss:.4f}", ex_s=f"{info.examples / max(info.seconds, 1e-9):.1f}", refresh=False
+        )
+        self.bar.update(1)
+
+    def epoch(self, record: dict) -> None:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+        self.bar.write(f"epoch {record['epoch']}: {shown}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns (and writes) its results."""
+    lr_default, head_default = default_lrs(args.method)
+    args.lr = args.lr if args.lr is not None else lr_default
+    args.head_lr = args.head_lr if args.head_lr is not None else head_default
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
+    data_dir = args.data_dir if args.data_dir else data.find_data_dir()
+    task = data.get_task(args.task)
+
+    # data first: a missing or malformed file fails before the model is loaded
+    train_split = data.load_split(args.task, "train", data_dir, args.max_train_samples)
+    dev_splits = {s: data.load_split(args.task, s, data_dir, args.max_eval_samples) for s in task.dev_splits}
+    model = sora_jax.load_pretrained(args.model, task="sequence_classification", num_labels=task.num_labels)
+    if model.tokenizer is None:
+        raise FileNotFoundError(
+            f"model {args.model!r} ({model.path}) has no tokenizer files; save its tokenizer beside it "
+            f"(tokenizer.save_pretrained)"
+        )
+    model_type = model.config.model_type
+    if model_type not in TARGETS:
+        raise ValueError(f"no GLUE target modules known for model_type {model_type!r}; known: {sorted(TARGETS)}")
+    num_labels = task.num_labels
+    train_enc = data.encode(model.tokenizer, train_split, args.max_length)
+    dev = {
+        s: data.epoch_batches(
+            data.encode(model.tokenizer, split, args.max_length), args.batch_size, seed=0, epoch=0, shuffle=False
+        )
+        for s, split in dev_splits.items()
+    }
+
+    def train_batches(epoch: int) -> list[dict]:
+        return data.epoch_batches(train_enc, args.batch_size, seed=args.seed, epoch=epoch, shuffle=True)
+
+    steps_per_epoch = len(train_batches(0))
+    total_steps = steps_per_epoch * args.epochs
+    adapter_config = None
+    if args.method != "full":
+        adapter_config = sora_jax.AdapterConfig(
+            method=args.method,
+            r=args.r,
+            lora_alpha=args.lora_alpha,
+            rotation_rank=args.rotation_rank,
+            rotation=args.rotation,
+            lora_dropout=args.lora_dropout,
+            target_modules=TARGETS[model_type],
+            modules_to_save=HEAD,
+        )
+    train_config = train.TrainConfig(
+        lr=args.lr,
+        head_lr=args.head_lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        grad_accum=args.grad_accum,
+        path=args.path,
+        dropout=not args.no_dropout,
+        max_grad_norm=args.max_grad_norm,
+    )
+    cfg = run_config(args, adapter_config, train_config)
+    ckpt_dir = out_dir / "checkpoints"
+    if args.overwrite and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    checkpointer = Checkpointer(ckpt_dir, cfg, keep=args.keep, resume=args.resume)
+
+    from sora_jax.sharding import make_mesh
+
+    mesh = make_mesh(args.mesh)
+    trainer = train.Trainer(
+        model.apply,
+        model.params,
+        num_labels=num_labels,
+        total_steps=total_steps,
+        adapter_config=adapter_config,
+        modules_to_save=HEAD,
+        config=train_config,
+        mesh=mesh,
+        shard_adapter=not args.replicate_adapter,
+    )
+    state = trainer.init_state(args.seed)
+    n_params = trainer.count_parameters(state)
+    last_eval: dict[str, Any] = {}
+    eval_seconds: list[float] = []
+
+    def do_eval(s: train.TrainState) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics, preds = evaluate(trainer, s, args.task, dev)
+        eval_seconds.append(time.perf_counter() - t0)
+        last_eval.update(preds)
+        return metrics
+
+    start_step = (checkpointer.latest_step() or 0) if args.resume else 0
+    desc = f"{args.task}/{args.method}"
+    progress = Progress(total_steps, start_step, desc, not args.no_progress)
+    base_results = {
+        "config": cfg,
+        "fingerprint": checkpointer.fingerprint,
+        "output_dir": str(out_dir),
+        "model_path": str(model.path),
+        "data": {"train": train_split.source, **{s: split.source for s, split in dev_splits.items()}},
+        "num_train_examples": len(train_split),
+        "num_eval_examples": {s: len(split) for s, split in dev_splits.items()},
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "parameters": n_params,
+        "versions": versions(),
+        "devices": device_info(),
+        "mesh": args.mesh,
+    }
+
+    def on_epoch(history: list[dict]) -> None:
+        progress.epoch(history[-1])
+        write_json_atomic(out_dir / "results.json", {**base_results, "history": history, "finished": False})
+
+    t_start = time.perf_counter()
+    try:
+        result = train.fit(
+            trainer,
+            state,
+            train_batches=train_batches,
+            epochs=args.epochs,
+            evaluate=do_eval,
+            checkpointer=checkpointer,
+            save_every=args.save_every,
+            resume=args.resume,
+            on_step=progress.step,
+            on_epoch=on_epoch,
+        )
+    finally:
+        progress.close()
+        checkpointer.close()
+    wall = time.perf_counter() - t_start
+    history = result.history
+    metric = "main"
+    best = max(history, key=lambda h: h[metric])
+    timing = result.timing()
+    timing.update(
+        train_wall_s=wall,
+        eval_s=float(np.sum(eval_seconds)),
+        examples_per_s=args.batch_size / timing["median_s"] if "median_s" in timing else None,
+    )
+    results = {
+        **base_results,
+        "finished": True,
+        "history": history,
+        "best": {"metric": task.main_metric, "value": best[metric], "epoch": best["epoch"], "metrics": best},
+        "final": history[-1],
+        "timing": timing,
+        "resumed_from_step": result.resumed_from,
+        "spectrum": update_spectrum(trainer, result.state, model.params, TARGETS[model_type]),
+    }
+    if last_eval:
+        np.savez(out_dir / "dev_predictions.npz", **last_eval)
+    adapter = trainer.adapter(result.state)
+    if adapter is not None:
+        sora_jax.save_adapter(jax.device_get(adapter), out_dir / "adapter")
+    if args.export_merged:
+        params = jax.device_get(trainer.params(result.state))
+        merged = sora_jax.export_merged(model, params, jax.device_get(adapter), out_dir / "merged")
+        results["merged"] = str(merged)
+    write_json_atomic(out_dir / "results.json", results)
+    print(
+        f"{desc}: best {task.main_metric} {best[metric]:.4f} (epoch {best['epoch']}); final "
+        f"{ {k: round(v, 4) for k, v in history[-1].items() if isinstance(v, float)} }; "
+        f"results in {out_dir / 'results.json'}"
+    )
+    return results
+
+
+def update_spectrum(trainer: train.Trainer, state: train.TrainState, base: dict, targets: Sequence[str]) -> dict:
+    """Per adapted layer: entropy, effective rank and stable rank of ``Delta W`` (full fine-tuning: of
+    the trained minus the pretrained kernel of the same target modules)."""
+    params = jax.device_get(trainer.params(state))
+    adapter = trainer.adapter(state)
+    if adapter is not None:
+        return sora_jax.spectrum(params, jax.device_get(adapter))
+    from sora_jax.adapter import find_modules
+    from sora_jax.spectrum import spectrum_of
+
+    select = sora_jax.AdapterConfig(target_modules=tuple(targets))
+    new, old = find_modules(params), find_modules(base)
+    return {
+        p: spectrum_of(np.asarray(new[p].kernel, np.float64) - np.asarray(old[p].kernel, np.float64))
+        for p in sorted(new)
+        if select.targets(p)
+    }
+
+
+# -- the grid ----------------------------------------------------------------------------------------
+def run_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method x lr x seed (each run in ``<output-dir>/<method>-lr<lr>-s<seed>``); a summary of each
+    run's best-epoch dev score (the task's GLUE score): mean +- std over seeds per method and lr, and the
+    lr with the best mean per method (SPEC section 5)."""
+    methods = args.methods or [args.method]
+    seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    root = Path(args.output_dir) if args.output_dir else Path("runs") / f"grid-{args.task}-{model_tag(args.model)}"
+    rows = []
+    for method in methods:
+        lrs = args.lrs or [args.lr if args.lr is not None else default_lrs(method)[0]]
+        for lr in lrs:
+            for seed in seeds:
+                sub = argparse.Namespace(**vars(args))
+                sub.grid, sub.method, sub.lr, sub.seed = False, method, lr, seed
+                sub.output_dir = str(root / f"{method}-lr{lr:g}-s{seed}")
+                res = run(sub)  # with --resume a finished run restores its final checkpoint, trains nothing
+                rows.append(
+                    {
+                        "method": method,
+                        "lr": lr,
+                        "seed": seed,
+                        "metric": res["best"]["metric"],
+                        "value": res["best"]["value"],
+                        "output_dir": sub.output_dir,
+                    }
+                )
+    summary = summarize(rows)
+    write_json_atomic(root / "summary.json", {"task": args.task, "model": args.model, "runs": rows, "summary": summary})
+    table = summary_markdown(args.task, summary)
+    tmp = root / ".summary.md.tmp"
+    tmp.write_text(table)
+    os.replace(tmp, root / "summary.md")
+    print(table)
+    return summary
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    """``{method: {"by_lr": {lr: {"mean", "std", "n"}}, "best_lr", "mean", "std", "metric"}}``; std is
+    the sample standard deviation (ddof=1; 0 for a single seed)."""
+    out: dict[str, Any] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by_lr = {}
+        for lr in dict.fromkeys(r["lr"] for r in rows if r["method"] == method):
+            vals = np.array([r["value"] for r in rows if r["method"] == method and r["lr"] == lr], np.float64)
+            std = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+            by_lr[f"{lr:g}"] = {"mean": float(vals.mean()), "std": std, "n": int(vals.size)}
+        best_lr = max(by_lr, key=lambda k: by_lr[k]["mean"])
+        metric = next(r["metric"] for r in rows if r["method"] == method)
+        out[method] = {"metric": metric, "best_lr": float(best_lr), **by_lr[best_lr], "by_lr": by_lr}
+    return out
+
+
+def summary_markdown(task: str, summary: dict[str, Any]) -> str:
+    lrs = sorted({lr for s in summary.values() for lr in s["by_lr"]}, key=float)
+    head = "| method | metric | best lr | best (mean ± std) | " + " | ".join(f"lr {lr}" for lr in lrs) + " |"
+    sep = "|" + "---|" * (4 + len(lrs))
+    lines = [f"## {task}", "", head, sep]
+    for method, s in summary.items():
+        cells = []
+        for lr in lrs:
+            v = s["by_lr"].get(lr)
+            cells.append(f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}" if v else "")
+        lines.append(
+            f"| {method} | {s['metric']} | {s['best_lr']:g} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# problems with the user's input or files: reported as one line, exit status 2
+USER_ERRORS = (
+    data.GlueDataError,
+    CheckpointError,
+    sora_jax.AdapterError,
+    FileNotFoundError,
+    train.NonFiniteLossError,
+    sora_jax.CheckpointMismatchError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.grid:
+            run_grid(args)
+        else:
+            run(args)
+    except USER_ERRORS as e:
+        print(f"glue.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
