@@ -17,11 +17,27 @@ comes from the factors: ``n_j^2 = ||w_j||^2 + 2 s (W^T A B)_jj + s^2 ||(A B)_j||
 ``O(r d_in d_out)`` once per step, not per token, and is a constant of the backward pass
 (``stop_gradient``). With dropout 0 both paths agree to float32 rounding.
 
+Speed (see experiments/PERF.md). The frozen matmul ``x W + b`` is left to autodiff (its input gradient
+``g W^T``; no weight gradient unless ``W`` itself is differentiated). Everything after it (the
+adapter's "tail": diagonal, LoRA branch, Taylor rotation) has a hand-written backward
+(:func:`jax.custom_vjp`) that
+
+- computes each thin weight gradient ``X^T G`` (``X: (N, k)``, ``G: (N, d)``, ``k`` = r or r_p) as
+  ``(G^T X)^T`` behind an optimisation barrier: XLA's CPU backend runs the ``(d, k)``-output form of
+  a contraction over the ``N`` rows 5-10x slower than the ``(k, d)``-output form, and its algebraic
+  simplifier would otherwise fold the transpose back into the dot;
+- stores only what the backward needs: the adapter's input ``x`` (shared with the frozen path), the
+  ``(N, r)`` and ``(N, 2 r_p)`` products, and at most one ``(N, d_out)`` tensor per layer (SORA
+  recomputes its rotation input ``d * (y + b) + u`` from it).
+
+Exact rotations (``cayley``, ``exp``) take the plain autodiff form.
+
 Pass the result of :func:`adapted_dense` as a sora-jax model's ``dense_fn``.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable
 
@@ -30,7 +46,7 @@ import jax.numpy as jnp
 
 from sora_jax.adapter import Adapter
 from sora_jax.models.common import default_dense
-from sora_jax.rotation import rotate
+from sora_jax.rotation import rotate, s_p
 
 Array = jax.Array
 
@@ -43,6 +59,174 @@ def dora_norm(W: Array, A: Array, B: Array, s: float) -> Array:
     W, A, B = (t.astype(jnp.float32) for t in (W, A, B))
     sq = jnp.sum(W * W, axis=0) + 2 * s * jnp.sum((A.T @ W) * B, axis=0) + s * s * jnp.sum(B * ((A.T @ A) @ B), axis=0)
     return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+# -- the layer with a hand-written backward ----------------------------------------------------------
+def _tdot(a: Array, b: Array) -> Array:
+    """``a^T b`` for ``a: (N, k)``, ``b: (N, d)`` -> ``(k, d)``: the fast orientation of a thin
+    contraction over rows, kept from being re-associated by an optimisation barrier."""
+    return jax.lax.optimization_barrier(jnp.dot(a.T, b))
+
+
+ROTATING = ("pre_ortho", "post_ortho", "sora")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer(method: str, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]) -> Array:
+    """One adapted layer (Taylor rotation) on 2-D activations ``x, xd: (N, d_in)`` -> ``(N, d_out)``.
+
+    ``xd`` is the LoRA branch's input (``x`` after dropout; ``None``: ``x`` itself); ``lv`` holds ``A (d_in, r)``,
+    ``Bs = s B (r, d_out)`` and, per method, ``d (d_out,)``, ``k = m / n (d_out,)`` (DoRA),
+    ``C, D (d_out, r_p)`` and ``sp`` (scalar ``s_p``)."""
+    return _layer_fwd(method, x, W, b, xd, lv)[0]
+
+
+def _layer_fwd(method: str, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]):
+    y = x @ W
+    h = (x if xd is None else xd) @ lv["A"]
+    Bs = lv["Bs"]
+    u = h @ Bs
+    p = y if b is None else y + b
+    res: dict[str, Array | None] = {"x": x, "W": W, "b": b, "xd": xd, "h": h, **lv}
+    if method == "lora":
+        return p + u, res
+    res["y"] = y
+    if method == "dora":
+        out = lv["k"] * (y + u)
+        return (out if b is None else out + b), res
+    if method == "prediag":
+        return lv["d"] * p + u, res
+    # rotations: a = z C, c = z D from the factors of z (z itself is never an input of a matmul)
+    C, D, sp = lv["C"], lv["D"], lv["sp"]
+    U = jnp.concatenate([C, D], axis=1)  # (d_out, 2 r_p)
+    if method == "sora":
+        z = lv["d"] * p + u
+        ac = y @ (lv["d"][:, None] * U) + h @ (Bs @ U)
+        if b is not None:
+            ac = ac + (lv["d"] * b) @ U
+    else:
+        z = p if method == "pre_ortho" else p + u
+        ac = y @ U
+        if b is not None:
+            ac = ac + b @ U
+        if method == "post_ortho":
+            ac = ac + h @ (Bs @ U)
+    r_p = C.shape[1]
+    res["ac"] = ac
+    out = z + sp * (ac[:, :r_p] @ D.T - ac[:, r_p:] @ C.T)
+    return (out + u if method == "pre_ortho" else out), res
+
+
+def _layer_bwd(method: str, res: dict[str, Array | None], G: Array):
+    x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
+    grads: dict[str, Array] = {}
+    if method in ROTATING:
+        C, D, sp, ac = res["C"], res["D"], res["sp"], res["ac"]
+        r_p = C.shape[1]
+        first = G @ jnp.concatenate([D, C, Bs.T], axis=1)  # one pass over G: [G D, G C, G Bs^T]
+        GU, GBt = first[:, : 2 * r_p], first[:, 2 * r_p :]
+        Q = sp * jnp.concatenate([C.T, -D.T], axis=0)  # (2 r_p, d_out): G R^T = G + GU Q
+        second = _tdot(jnp.concatenate([ac, h], axis=1), G)  # one pass over G: [a^T G; c^T G; h^T G]
+        acG, hG = second[: 2 * r_p], second[2 * r_p :]
+        dh = GBt if method == "pre_ortho" else GBt + GU @ (Q @ Bs.T)
+        # GU^T p (p = x W + b) from GU^T x, in the same pass over x as A's gradient (dh^T x)
+        if xd is None:
+            both = _tdot(jnp.concatenate([dh, GU], axis=1), x)
+            dAt, GUx = both[: dh.shape[1]], both[dh.shape[1] :]
+        else:
+            dAt, GUx = _tdot(dh, xd), _tdot(GU, x)
+        grads["A"] = dAt.T
+        GUp = GUx @ W
+        if b is not None:
+            GUp = GUp + jnp.sum(GU, axis=0)[:, None] * b[None, :]
+        hGU = _tdot(h, GU)  # (r, 2 r_p)
+        # GU^T z for the rotation input z
+        if method == "pre_ortho":
+            GUz = GUp
+        elif method == "post_ortho":
+            GUz = GUp + hGU.T @ Bs
+        else:
+            GUz = GUp * res["d"] + hGU.T @ Bs
+        grads["C"] = sp * (GUz[:r_p] - acG[r_p:]).T
+        grads["D"] = sp * (acG[:r_p] - GUz[r_p:]).T
+        grads["sp"] = (jnp.sum(GU[:, :r_p] * ac[:, :r_p]) - jnp.sum(GU[:, r_p:] * ac[:, r_p:])).astype(sp.dtype)
+        if method == "pre_ortho":  # dp = G R^T, du = G
+            dx = G @ W.T + GU @ (Q @ W.T)
+            grads["Bs"] = hG
+            dp = G + GU @ Q
+        else:  # du = dz = G R^T; dp = dz (post_ortho) or d * dz (sora)
+            grads["Bs"] = hG + hGU @ Q
+            if method == "post_ortho":
+                dx = G @ W.T + GU @ (Q @ W.T)
+                dp = G + GU @ Q
+            else:
+                d = res["d"]
+                dx = G @ (W * d).T + GU @ ((Q * d) @ W.T)
+                p = res["y"] if b is None else res["y"] + b
+                grads["d"] = jnp.sum(G * p, axis=0) + jnp.sum(Q * GUp, axis=0)
+                dp = d * (G + GU @ Q)
+    else:
+        hG = _tdot(h, G)
+        if method == "dora":
+            k = res["k"]
+            dx = G @ (W * k).T
+            dh = G @ (Bs * k).T
+            grads["Bs"] = hG * k
+            grads["k"] = jnp.sum(G * res["y"], axis=0) + jnp.sum(Bs * hG, axis=0)
+            dp = k * G  # cotangent of y; the bias gets G
+        else:
+            dh = G @ Bs.T
+            grads["Bs"] = hG
+            if method == "prediag":
+                d = res["d"]
+                dx = G @ (W * d).T
+                p = res["y"] if b is None else res["y"] + b
+                grads["d"] = jnp.sum(G * p, axis=0)
+                dp = d * G
+            else:
+                dx = G @ W.T
+                dp = G
+        grads["A"] = _tdot(dh, x if xd is None else xd).T  # (d_in, r)
+    dxd = dh @ A.T
+    if xd is None:
+        dx, dxd = dx + dxd, None
+    # cotangents of the frozen kernel and bias: dead code unless they are differentiated
+    dW = jnp.dot(x.T, dp)
+    db = None if b is None else jnp.sum(G if method == "dora" else dp, axis=0)
+    lv_in = {k: res[k] for k in ("A", "Bs", "d", "k", "C", "D", "sp") if k in res}
+    return dx, dW, db, dxd, {k: grads[k].astype(v.dtype) for k, v in lv_in.items()}
+
+
+_layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+# -- one adapted layer ---------------------------------------------------------------------------------
+def _dropout(x: Array, rate: float, key: Array | None) -> Array:
+    if key is None or rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def _adapted_layer_autodiff(
+    y: Array, b: Array | None, lv: dict[str, Array], config, scaling: float, xd: Array
+) -> Array:
+    """The plain autodiff form (any rotation kind); ``y = x W: (N, d_out)``, ``xd: (N, d_in)``."""
+    u = scaling * ((xd @ lv["A"]) @ lv["B"])
+
+    def rot(z: Array) -> Array:
+        return rotate(z, lv["C"], lv["D"], config.initial_s_p, config.rotation)
+
+    z = y if b is None else y + b
+    if config.has_diag:
+        z = lv["d"] * z
+    if config.method == "pre_ortho":
+        z = rot(z)
+    z = z + u
+    if config.method in ("sora", "post_ortho"):
+        z = rot(z)
+    return z
 
 
 def adapted_layer(
@@ -60,34 +244,22 @@ def adapted_layer(
     dt = x.dtype
     W = kernel.astype(dt)
     lv = {k: v.astype(dt) for k, v in leaves.items()}
-    y = jnp.dot(x, W)
-    xd = x
-    if dropout_key is not None and config.lora_dropout > 0.0:
-        keep = 1.0 - config.lora_dropout
-        mask = jax.random.bernoulli(dropout_key, keep, x.shape)
-        xd = jnp.where(mask, x / keep, 0).astype(dt)
-    u = scaling * ((xd @ lv["A"]) @ lv["B"])
     b = None if bias is None else bias.astype(dt)
     method = config.method
-
-    def rot(z: Array) -> Array:
-        return rotate(z, lv["C"], lv["D"], config.initial_s_p, config.rotation)
-
-    if method == "dora":
-        n = jax.lax.stop_gradient(dora_norm(kernel, leaves["A"], leaves["B"], scaling))
-        out = (leaves["m"].astype(jnp.float32) / n).astype(dt) * (y + u)
-        if b is not None:
-            out = out + b
+    if config.has_rotation and config.rotation != "taylor":
+        xd = _dropout(x, config.lora_dropout, dropout_key)
+        out = _adapted_layer_autodiff(jnp.dot(x, W), b, lv, config, scaling, xd)
     else:
-        z = y if b is None else y + b
+        tail = {"A": lv["A"], "Bs": scaling * lv["B"]}
+        if method == "dora":
+            n = jax.lax.stop_gradient(dora_norm(kernel, leaves["A"], leaves["B"], scaling))
+            tail["k"] = (leaves["m"].astype(jnp.float32) / n).astype(dt)
         if config.has_diag:
-            z = lv["d"] * z
-        if method == "pre_ortho":
-            z = rot(z)
-        z = z + u
-        if method in ("sora", "post_ortho"):
-            z = rot(z)
-        out = z
+            tail["d"] = lv["d"]
+        if config.has_rotation:
+            tail.update(C=lv["C"], D=lv["D"], sp=s_p(lv["C"], lv["D"], config.initial_s_p))
+        dropped = dropout_key is not None and config.lora_dropout > 0.0
+        out = _layer(method, x, W, b, _dropout(x, config.lora_dropout, dropout_key) if dropped else None, tail)
     return out.reshape(*lead, out.shape[-1])
 
 

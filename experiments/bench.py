@@ -1,0 +1,857 @@
+"""Side-by-side training and inference benchmark of sora-jax (and, with ``--peft``, its PyTorch peer).
+
+One process, one table. For a model, a batch and a sequence length it measures:
+
+- the **frozen-backprop** reference: the frozen model's forward plus the backward pass that carries the
+  gradient down through every layer to the embedding output (input gradients only, no weight
+  gradients), the floor of every adapter method;
+- full fine-tuning (every parameter, AdamW);
+- each method (lora, dora, prediag, sora, pre_ortho, post_ortho) through each execution path:
+  ``activation`` (``sora_jax.adapted_dense(adapter)`` as the model's ``dense_fn``) and ``weight``
+  (``sora_jax.apply_adapter`` then the plain model), each a jitted train step (value_and_grad + AdamW,
+  state donated) of :class:`sora_jax.train.Trainer`;
+- inference: the frozen model, each method unmerged (activation and weight path) and merged
+  (``sora_jax.merge`` then the plain model);
+- the machine's matmul ceiling (``jnp.dot`` of 2048^3 and 4096x384x1536, and ``torch.mm`` with ``--peft``);
+- with ``--peft``: ``transformers`` + PEFT LoRA and DoRA, a PyTorch Pre-Diag/SORA wrapper around
+  ``nn.Linear`` (SPEC section 2, activation form) and the same frozen-backprop reference in torch,
+  on the same weights, batch and thread count.
+
+All variants are compiled first, then measured in rounds that alternate every variant (JAX and torch
+interleaved) so that machine drift hits all of them alike. Times are wall-clock per step after
+``block_until_ready``; medians with p10/p90. Memory: the XLA compiled memory analysis
+(``argument + output - alias + temp`` bytes of the step's executable: the peak the executable can
+hold, frozen weights included); torch has no such analysis on CPU (``null``).
+
+Usage::
+
+    python experiments/bench.py                         # minilm, 32 x 128, JAX only
+    python experiments/bench.py --peft                  # + PyTorch/PEFT peer
+    python experiments/bench.py --synthetic deberta-base --layers 2 --batch 8
+    python experiments/bench.py --model /path/to/hf_dir --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import sora_jax as sj  # noqa: E402
+from sora_jax.adapter import find_modules  # noqa: E402
+from sora_jax.train import TrainConfig, Trainer, loss_sums  # noqa: E402
+
+METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
+PATHS = ("activation", "weight")
+# The paper's GLUE targets (SPEC section 5) per model family; PEFT-style suffixes.
+TARGETS = {
+    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    "roberta": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+HEADS = {"bert": ("classifier",), "roberta": ("classifier",), "deberta-v2": ("classifier",), "llama": ("score",)}
+# Where the embedding output is, per family (the frozen-backprop gradient is taken there).
+EMBEDDING_MODULE = {"bert": "embeddings", "roberta": "embeddings", "deberta-v2": "embeddings",
+                    "llama": "embed_tokens"}
+# torch methods and the sora-jax method each one is compared with
+TORCH_METHODS = {"peft_lora": "lora", "peft_dora": "dora", "torch_prediag": "prediag", "torch_sora": "sora"}
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def synthetic_config(name: str, layers: int | None) -> Any:
+    """A ``transformers`` config of a known model size, for random-weight benchmarks.
+
+    ``deberta-base``: DeBERTa-v3-base (12 x 768, FFN 3072, vocab 128100, relative attention span 256).
+    ``llama-1b``: Llama-3.2-1B (16 x 2048, FFN 8192, 32 heads / 8 KV heads, vocab 128256, tied).
+    ``layers`` overrides the number of layers (for smoke tests).
+    """
+    import transformers
+
+    if name == "deberta-base":
+        cfg = transformers.DebertaV2Config(
+            vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            intermediate_size=3072, max_position_embeddings=512, relative_attention=True, position_buckets=256,
+            norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7,
+            max_relative_positions=-1, position_biased_input=False, type_vocab_size=0, num_labels=2,
+        )
+    elif name == "llama-1b":
+        cfg = transformers.LlamaConfig(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+            rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=0, num_labels=2,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                             "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192},
+        )
+    else:
+        raise ValueError(f"unknown --synthetic {name!r}; choose deberta-base or llama-1b")
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    return cfg
+
+
+def save_random_model(cfg: Any, directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised ``transformers`` sequence classifier for ``cfg``, saved to ``directory``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    model.save_pretrained(str(directory))
+    del model
+    return directory
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every variant shares: the loaded model, its directory, the batch and the adapter settings."""
+
+    name: str
+    model: Any  # sora_jax.PretrainedModel
+    model_dir: Path
+    model_type: str
+    batch: dict[str, np.ndarray]
+    targets: tuple[str, ...]
+    heads: tuple[str, ...]
+    r: int
+    alpha: float
+    r_p: int
+
+    def adapter_config(self, method: str) -> sj.AdapterConfig:
+        return sj.AdapterConfig(method=method, r=self.r, lora_alpha=self.alpha, rotation_rank=self.r_p,
+                                target_modules=self.targets, modules_to_save=self.heads)
+
+
+def make_batch(vocab: int, batch: int, seq: int, num_labels: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token ids (no padding), labels and unit weights."""
+    rng = np.random.default_rng(seed)
+    low = min(1000, vocab // 2)
+    return {
+        "input_ids": rng.integers(low, vocab, (batch, seq)).astype(np.int32),
+        "attention_mask": np.ones((batch, seq), np.int32),
+        "labels": rng.integers(0, max(num_labels, 2), (batch,)).astype(np.int32),
+        "weights": np.ones((batch,), np.float32),
+    }
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """One dense layer: its path, ``(d_in, d_out)``, rows per step (tokens or sequences), adapted or not."""
+
+    path: str
+    d_in: int
+    d_out: int
+    rows: int
+    adapted: bool
+
+
+def dense_layers(setup: Setup) -> list[Dense]:
+    """Every dense layer of the model with the rows it sees per step (heads and poolers see one row per
+    sequence, the rest one per token)."""
+    cfg = setup.adapter_config("lora")
+    B, T = setup.batch["input_ids"].shape
+    out = []
+    for path, mod in sorted(find_modules(setup.model.params).items()):
+        d_in, d_out = mod.kernel.shape[-2:]
+        per_seq = path.split("/")[0] in setup.heads or "pooler" in path.split("/")
+        out.append(Dense(path, int(d_in), int(d_out), B if per_seq else B * T, cfg.targets(path)))
+    return out
+
+
+def attention_flops(setup: Setup) -> float:
+    """Forward FLOPs of the attention score and value matmuls: ``4 B T^2 H`` per layer (``H`` = heads x
+    head_dim). DeBERTa's disentangled terms (c2p, p2c against ``2k`` relative positions) add
+    ``2 x 2 B T (2k) H`` per layer."""
+    c = setup.model.config
+    B, T = setup.batch["input_ids"].shape
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    H = c.num_attention_heads * head_dim
+    per_layer = 4.0 * B * T * T * H
+    if setup.model_type == "deberta-v2" and getattr(c, "relative_attention", False):
+        span = c.position_buckets if getattr(c, "position_buckets", -1) > 0 else c.max_position_embeddings
+        per_layer += 2 * 2.0 * B * T * (2 * span) * H
+    return per_layer * c.num_hidden_layers
+
+
+def adapter_extra_flops(layer: Dense, method: str, path: str, r: int, r_p: int, training: bool) -> float:
+    """FLOPs an adapter adds to one layer's step on top of the frozen one (matmuls only)."""
+    N, i, o = layer.rows, layer.d_in, layer.d_out
+    rot = method in ("sora", "pre_ortho", "post_ortho")
+    if path == "activation":
+        fwd = 2.0 * N * r * (i + o) + (8.0 * N * o * r_p if rot else 0.0)
+        norm = (2.0 * r * i * o + 2.0 * r * r * (i + o)) if method == "dora" else 0.0  # once per step, no grad
+        return (3.0 * fwd if training else fwd) + norm
+    # weight path: form W' (A B, W R, colnorm), backprop through it, plus the full weight gradient x^T dY
+    form = 2.0 * i * r * o + (8.0 * i * o * r_p if rot else 0.0) + (2.0 * i * o if method == "dora" else 0.0)
+    return 3.0 * form + 2.0 * N * i * o if training else form
+
+
+def flop_counts(setup: Setup) -> dict[str, float]:
+    """Matmul FLOPs per step of every variant, from the model's shapes.
+
+    Frozen-backprop: ``4 N d_in d_out`` per dense layer + 3 x the attention forward; full fine-tuning:
+    ``6 N d_in d_out``; adapters add :func:`adapter_extra_flops`; inference is ``2 N d_in d_out`` + the
+    attention forward.
+    """
+    layers = dense_layers(setup)
+    att = attention_flops(setup)
+    fwd = sum(2.0 * L.rows * L.d_in * L.d_out for L in layers) + att
+    fb = sum(4.0 * L.rows * L.d_in * L.d_out for L in layers) + 3.0 * att
+    out = {"frozen_backprop": fb, "full": fb + sum(2.0 * L.rows * L.d_in * L.d_out for L in layers),
+           "infer/frozen": fwd}
+    for m in METHODS:
+        for p in PATHS:
+            extra = sum(adapter_extra_flops(L, m, p, setup.r, setup.r_p, True) for L in layers if L.adapted)
+            out[f"{m}/{p}"] = fb + extra
+            out[f"infer/{m}/{p}"] = fwd + sum(
+                adapter_extra_flops(L, m, p, setup.r, setup.r_p, False) for L in layers if L.adapted)
+        out[f"infer/{m}/merged"] = fwd
+    return out
+
+
+# -- measured variants ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Variant:
+    """One measured thing. ``run()`` does one step and blocks until it is done."""
+
+    name: str  # "jax/train/lora/activation", "torch/infer/peft_lora", ...
+    framework: str
+    kind: str  # "train", "infer" or "matmul"
+    run: Callable[[], None]
+    flops: float | None = None
+    compile_s: float | None = None
+    lower_s: float | None = None
+    memory: dict[str, int] | None = None
+    xla_flops: float | None = None
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        t = np.asarray(self.times, np.float64)
+        out: dict[str, Any] = {"framework": self.framework, "kind": self.kind, "n": int(t.size)}
+        if t.size:
+            out.update(median_s=float(np.median(t)), p10_s=float(np.percentile(t, 10)),
+                       p90_s=float(np.percentile(t, 90)), min_s=float(t.min()))
+        out.update(flops=self.flops, xla_flops=self.xla_flops, compile_s=self.compile_s, lower_s=self.lower_s,
+                   memory=self.memory)
+        if self.flops and t.size:
+            out["achieved_gflops"] = self.flops / float(np.median(t)) / 1e9
+        return out
+
+
+def memory_stats(compiled: Any) -> dict[str, int] | None:
+    """The XLA compiled memory analysis: argument, output, alias and temp bytes, and their peak
+    ``argument + output - alias + temp`` (what the executable can hold at once)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def xla_flops(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(cost, list):
+        cost = cost[0] if cost else None
+    return None if not cost or "flops" not in cost else float(cost["flops"])
+
+
+def compile_jax(name: str, kind: str, jitted: Any, args: tuple, make_run: Callable[[Any], Callable[[], None]],
+                flops: float | None) -> Variant:
+    """Lower and compile ``jitted(*args)`` ahead of time (timed) and wrap the executable in a variant."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return Variant(name, "jax", kind, make_run(compiled), flops=flops, compile_s=t2 - t1, lower_s=t1 - t0,
+                   memory=memory_stats(compiled), xla_flops=xla_flops(compiled))
+
+
+def inputs_of(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float | None) -> Variant:
+    """A jitted train step of :class:`sora_jax.train.Trainer` (``method=None``: full fine-tuning)."""
+    cfg = None if method is None else setup.adapter_config(method)
+    model = setup.model
+    trainer = Trainer(model.apply, model.params, num_labels=int(model.config.num_labels), total_steps=10**6,
+                      adapter_config=cfg, modules_to_save=setup.heads,
+                      config=TrainConfig(lr=1e-5, path=path, dropout=False))
+    holder = {"state": trainer.init_state(0)}
+    batch = trainer.put_batch(setup.batch)
+    jitted = trainer._compiled_train(holder["state"])
+
+    def make_run(compiled):
+        def run() -> None:
+            holder["state"], loss = compiled(holder["state"], trainer.frozen, batch)
+            jax.block_until_ready((holder["state"], loss))
+        return run
+
+    name = "jax/train/full" if method is None else f"jax/train/{method}/{path}"
+    return compile_jax(name, "train", jitted, (holder["state"], trainer.frozen, batch), make_run, flops)
+
+
+def _embedding_path(setup: Setup) -> tuple[str, ...]:
+    return (setup.model.family.base_model_prefix, EMBEDDING_MODULE[setup.model_type])
+
+
+def frozen_backprop_loss(setup: Setup) -> Callable[..., jax.Array]:
+    """``loss(delta, params, batch)``: the model's mean loss with ``delta (B, T, hidden)`` added to the
+    embedding output (a ``flax.linen.intercept_methods`` hook); its gradient w.r.t. ``delta`` is the
+    gradient at the embedding output, and no parameter gradient is computed."""
+    import flax.linen as nn
+
+    embed_path = _embedding_path(setup)
+    model = setup.model
+
+    def loss(delta: jax.Array, params: dict, batch: dict) -> jax.Array:
+        def add_delta(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and tuple(context.module.path) == embed_path:
+                out = out + delta.astype(out.dtype)
+            return out
+
+        with nn.intercept_methods(add_delta):
+            logits = model.apply(params, **inputs_of(batch))["logits"]
+        lsum, wsum = loss_sums(logits, batch["labels"], batch["weights"])
+        return lsum / wsum
+
+    return loss
+
+
+def jax_frozen_backprop_variant(setup: Setup, flops: float | None) -> Variant:
+    B, T = setup.batch["input_ids"].shape
+    delta = jnp.zeros((B, T, setup.model.config.hidden_size), jnp.float32)
+    batch = {k: jnp.asarray(v) for k, v in setup.batch.items()}
+    jitted = jax.jit(jax.value_and_grad(frozen_backprop_loss(setup)))
+
+    def make_run(compiled):
+        return lambda: jax.block_until_ready(compiled(delta, setup.model.params, batch))
+
+    return compile_jax("jax/train/frozen_backprop", "train", jitted, (delta, setup.model.params, batch),
+                       make_run, flops)
+
+
+def trained_looking(adapter: sj.Adapter, seed: int = 1) -> sj.Adapter:
+    """The adapter with every leaf perturbed (B != 0, d != 1, C != D), as after training."""
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, new)
+
+
+def jax_infer_variants(setup: Setup, methods: list[str], paths: list[str], flops: dict[str, float]) -> list[Variant]:
+    """Frozen inference, and per method: unmerged (each path) and merged (``sj.merge`` + plain model)."""
+    model = setup.model
+    params = model.params
+    batch = {k: jnp.asarray(v) for k, v in inputs_of(setup.batch).items()}
+
+    def plain(p, b):
+        return model.apply(p, **b)["logits"]
+
+    def activation(p, ad, b):
+        return model.apply(p, dense_fn=sj.adapted_dense(ad), **b)["logits"]
+
+    def weight(p, ad, b):
+        return model.apply(sj.apply_adapter(p, ad), **b)["logits"]
+
+    fns = {"activation": jax.jit(activation), "weight": jax.jit(weight)}
+
+    def runner(*args):
+        return lambda compiled: (lambda: jax.block_until_ready(compiled(*args)))
+
+    out = [compile_jax("jax/infer/frozen", "infer", jax.jit(plain), (params, batch), runner(params, batch),
+                       flops["infer/frozen"])]
+    plain_jit = jax.jit(plain)
+    for m in methods:
+        adapter = trained_looking(sj.init_adapter(jax.random.key(0), params, setup.adapter_config(m)))
+        for p in paths:
+            out.append(compile_jax(f"jax/infer/{m}/{p}", "infer", fns[p], (params, adapter, batch),
+                                   runner(params, adapter, batch), flops[f"infer/{m}/{p}"]))
+        merged = jax.block_until_ready(sj.merge(params, adapter))
+        out.append(compile_jax(f"jax/infer/{m}/merged", "infer", plain_jit, (merged, batch), runner(merged, batch),
+                               flops[f"infer/{m}/merged"]))
+    return out
+
+
+MATMUL_SHAPES = ((2048, 2048, 2048), (4096, 384, 1536))
+
+
+def jax_matmul_variants() -> list[Variant]:
+    out = []
+    for m, k, n in MATMUL_SHAPES:
+        a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+        out.append(compile_jax(f"jax/matmul/{m}x{k}x{n}", "matmul", jax.jit(jnp.dot), (a, b),
+                               lambda c, a=a, b=b: (lambda: jax.block_until_ready(c(a, b))), 2.0 * m * k * n))
+    return out
+
+
+# -- the PyTorch peer ------------------------------------------------------------------------------------
+class TorchConditionedLinear:
+    """Factory for a ``torch.nn.Module`` wrapping an ``nn.Linear`` with Pre-Diag or SORA (SPEC section 2,
+    activation form, as the reference implementation runs it):
+
+    ``y = d * base(x) + s (x A) B`` (Pre-Diag), then for SORA ``y R = y + s_p ((y C) D^T - (y D) C^T)``
+    with ``s_p = min(1, initial_s_p / (||C|| + ||D|| + 1e-6))``. PyTorch layout: ``lora_A (r, d_in)``,
+    ``lora_B (d_out, r)``, ``d (d_out,)``, ``C, D (d_out, r_p)``; initialised as SPEC says.
+    """
+
+    @staticmethod
+    def build(base: Any, method: str, r: int, alpha: float, r_p: int, initial_s_p: float = 1.0) -> Any:
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.base_layer = base
+                d_out, d_in = base.weight.shape
+                bound = 1.0 / math.sqrt(d_in)
+                self.lora_A = torch.nn.Parameter(torch.empty(r, d_in).uniform_(-bound, bound))
+                self.lora_B = torch.nn.Parameter(torch.zeros(d_out, r))
+                self.d = torch.nn.Parameter(torch.ones(d_out))
+                self.scaling = alpha / r
+                self.rotate = method == "sora"
+                if self.rotate:
+                    cb = 1.0 / math.sqrt(d_out)
+                    C = torch.empty(d_out, r_p).uniform_(-cb, cb)
+                    self.C = torch.nn.Parameter(C.clone())
+                    self.D = torch.nn.Parameter(C.clone())
+
+            def forward(self, x):
+                y = self.d * self.base_layer(x)
+                y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_A), self.lora_B) * self.scaling
+                if self.rotate:
+                    s_p = torch.clamp(initial_s_p / (self.C.norm() + self.D.norm() + 1e-6), max=1.0)
+                    y = y + s_p * ((y @ self.C) @ self.D.T - (y @ self.D) @ self.C.T)
+                return y
+
+        return Wrapped()
+
+
+def torch_matches(name: str, targets: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class TorchPeer:
+    """The PyTorch side: models built from the same directory, same batch, fixed thread count."""
+
+    def __init__(self, setup: Setup, threads: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.torch = torch
+        self.transformers = transformers
+        self.setup = setup
+        b = setup.batch
+        self.inputs = {k: torch.from_numpy(b[k].astype(np.int64)) for k in ("input_ids", "attention_mask")}
+        self.labels = torch.from_numpy(b["labels"].astype(np.int64))
+
+    def load(self) -> Any:
+        model = self.transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(self.setup.model_dir), num_labels=int(self.setup.model.config.num_labels),
+            attn_implementation="sdpa")
+        return model.eval()  # no dropout (as the JAX side); autograd still runs
+
+    def adapted(self, method: str) -> Any:
+        """PEFT LoRA/DoRA, or the Pre-Diag/SORA wrapper on every target; the head trained in full."""
+        s = self.setup
+        model = self.load()
+        if method in ("peft_lora", "peft_dora"):
+            import peft
+
+            cfg = peft.LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=list(s.targets), lora_dropout=0.0,
+                                  use_dora=method == "peft_dora", task_type="SEQ_CLS", modules_to_save=list(s.heads))
+            return peft.get_peft_model(model, cfg)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        kind = {"torch_prediag": "prediag", "torch_sora": "sora"}[method]
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, self.torch.nn.Linear) and torch_matches(name, s.targets):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, child, TorchConditionedLinear.build(mod, kind, s.r, s.alpha, s.r_p))
+        for h in s.heads:
+            for p in model.get_submodule(h).parameters():
+                p.requires_grad_(True)
+        return model
+
+    def train_variant(self, method: str, flops: float | None) -> Variant:
+        torch = self.torch
+        model = self.adapted(method)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            logits = model(**self.inputs).logits
+            torch.nn.functional.cross_entropy(logits, self.labels).backward()
+            opt.step()
+
+        return Variant(f"torch/train/{method}", "torch", "train", run, flops=flops)
+
+    def frozen_backprop_variant(self, flops: float | None) -> Variant:
+        """Forward + backward to the embedding output (a forward hook adds a zero ``delta`` that requires
+        grad); every parameter frozen, so only input gradients are computed."""
+        torch = self.torch
+        model = self.load()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        base = model.get_submodule(model.base_model_prefix)
+        embed = base.get_submodule(EMBEDDING_MODULE[self.setup.model_type])
+        B, T = self.setup.batch["input_ids"].shape
+        delta = torch.zeros(B, T, model.config.hidden_size, requires_grad=True)
+        embed.register_forward_hook(lambda mod, args, out: out + delta)
+
+        def run() -> None:
+            delta.grad = None
+            logits = model(**self.inputs).logits
+            torch.nn.functional.cross_entropy(logits, self.labels).backward()
+
+        return Variant("torch/train/frozen_backprop", "torch", "train", run, flops=flops)
+
+    def infer_variant(self, method: str | None, flops: float | None) -> Variant:
+        torch = self.torch
+        model = self.load() if method is None else self.adapted(method)
+        model.eval()
+
+        def run() -> None:
+            with torch.inference_mode():
+                model(**self.inputs)
+
+        return Variant(f"torch/infer/{method or 'frozen'}", "torch", "infer", run, flops=flops)
+
+    def matmul_variants(self) -> list[Variant]:
+        torch = self.torch
+        out = []
+        for m, k, n in MATMUL_SHAPES:
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            out.append(Variant(f"torch/matmul/{m}x{k}x{n}", "torch", "matmul", lambda a=a, b=b: torch.mm(a, b),
+                               flops=2.0 * m * k * n))
+        return out
+
+
+# -- running -------------------------------------------------------------------------------------------
+def interleave(jax_vs: list[Variant], torch_vs: list[Variant]) -> list[Variant]:
+    """Alternate JAX and torch variants (each torch variant next to its JAX counterpart where one exists)."""
+    order: list[Variant] = []
+    pending = list(torch_vs)
+    for v in jax_vs:
+        order.append(v)
+        key = v.name.split("/", 1)[1]
+        for t in list(pending):
+            tkey = t.name.split("/", 1)[1]
+            parts = tkey.split("/")
+            mapped = "/".join([parts[0], TORCH_METHODS.get(parts[1], parts[1]), *parts[2:]]) if len(parts) > 1 else tkey
+            if key in (mapped, mapped + "/activation"):
+                order.append(t)
+                pending.remove(t)
+    return order + pending
+
+
+def measure(variants: list[Variant], warmup: int, rounds: int, steps: int, log: Callable[[str], None]) -> None:
+    """Warm each variant up, then ``rounds`` passes over all variants, ``steps`` timed steps each."""
+    for v in variants:
+        for _ in range(warmup):
+            v.run()
+    for r in range(rounds):
+        t_round = time.perf_counter()
+        for v in variants:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                v.run()
+                v.times.append(time.perf_counter() - t0)
+        log(f"round {r + 1}/{rounds}: {time.perf_counter() - t_round:.1f} s")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft", "sora-jax"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if dev.platform == "gpu":
+        gpu = {"name": getattr(dev, "device_kind", str(dev)), "count": len(jax.devices())}
+    return {"jax_backend": jax.default_backend(), "jax_device": str(dev), "cpu": cpu,
+            "cpu_count": len(os.sched_getaffinity(0)), "gpu": gpu}
+
+
+def load_setup(args: argparse.Namespace, workdir: Path) -> Setup:
+    if args.synthetic:
+        cfg = synthetic_config(args.synthetic, args.layers)
+        model_dir = save_random_model(cfg, workdir / args.synthetic)
+        name = args.synthetic if args.layers is None else f"{args.synthetic}-{args.layers}l"
+    else:
+        model_dir = None
+        name = Path(args.model).name if os.path.isdir(args.model) else args.model
+    model = sj.load_pretrained(str(model_dir) if model_dir else args.model, load_tokenizer=False)
+    model_type = model.config.model_type
+    if model_type not in TARGETS:
+        raise SystemExit(f"no GLUE targets known for model_type {model_type!r}; known: {sorted(TARGETS)}")
+    targets = tuple(args.targets.split(",")) if args.targets else TARGETS[model_type]
+    num_labels = int(model.config.num_labels)
+    batch = make_batch(int(model.config.vocab_size), args.batch, args.seq, num_labels)
+    if model_type == "llama":  # sequence classification pools the last non-pad token: keep pad out of the ids
+        batch["input_ids"] = np.where(batch["input_ids"] == model.config.pad_token_id, 1, batch["input_ids"])
+    return Setup(name, model, Path(model.path), model_type, batch, targets, HEADS[model_type], args.r,
+                 float(args.alpha), args.r_p)
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def ratio(a: dict | None, b: dict | None) -> float | None:
+    if not a or not b or "median_s" not in a or "median_s" not in b:
+        return None
+    return a["median_s"] / b["median_s"]
+
+
+def summarise(results: dict[str, dict], flops: dict[str, float], ceiling: dict[str, float]) -> dict[str, Any]:
+    """Ratios (method / frozen-backprop, method / LoRA, sora-jax / PyTorch) and the FLOP floors."""
+    out: dict[str, Any] = {}
+    fb = results.get("jax/train/frozen_backprop")
+    for name, st in results.items():
+        fw, kind, *rest = name.split("/")
+        row: dict[str, Any] = {}
+        if kind == "train" and fw == "jax":
+            key = "/".join(rest)
+            row["vs_frozen_backprop"] = ratio(st, fb)
+            row["flop_floor_vs_frozen_backprop"] = flops[key] / flops["frozen_backprop"] if key in flops else None
+            if len(rest) == 2:
+                lora = results.get(f"jax/train/lora/{rest[1]}")
+                row["vs_lora"] = ratio(st, lora)
+                row["flop_floor_vs_lora"] = flops[key] / flops[f"lora/{rest[1]}"]
+            peer = {v: k for k, v in TORCH_METHODS.items()}.get(rest[0])
+            if rest == ["frozen_backprop"]:
+                peer = "frozen_backprop"
+            if peer and (len(rest) == 1 or rest[1] == "activation"):
+                row["vs_torch"] = ratio(st, results.get(f"torch/train/{peer}"))
+        elif kind == "train" and fw == "torch":
+            row["vs_frozen_backprop"] = ratio(st, results.get("torch/train/frozen_backprop"))
+            row["vs_lora"] = ratio(st, results.get("torch/train/peft_lora"))
+        elif kind == "infer":
+            row["vs_frozen"] = ratio(st, results.get(f"{fw}/infer/frozen"))
+            if fw == "jax" and rest != ["frozen"]:
+                peer = {v: k for k, v in TORCH_METHODS.items()}.get(rest[0])
+                if peer and rest[1] == "activation":
+                    row["vs_torch"] = ratio(st, results.get(f"torch/infer/{peer}"))
+            if fw == "jax" and rest == ["frozen"]:
+                row["vs_torch"] = ratio(st, results.get("torch/infer/frozen"))
+        if st.get("achieved_gflops") and ceiling.get(fw) and kind != "matmul":
+            row["fraction_of_ceiling"] = st["achieved_gflops"] / ceiling[fw]
+        out[name] = row
+    return out
+
+
+def acceptance(results: dict[str, dict], ratios: dict[str, dict]) -> list[dict[str, Any]]:
+    """The issue's acceptance targets, checked on these medians (activation path)."""
+    def r(name: str, key: str) -> float | None:
+        return ratios.get(name, {}).get(key)
+
+    def mem(name: str) -> float | None:
+        a, b = results.get(name, {}).get("memory"), results.get("jax/train/frozen_backprop", {}).get("memory")
+        return a["peak"] / b["peak"] if a and b else None
+
+    checks = [("LoRA / frozen-backprop", r("jax/train/lora/activation", "vs_frozen_backprop"), 1.15)]
+    for m in ("dora", "prediag", "sora"):
+        checks.append((f"{m} / LoRA", r(f"jax/train/{m}/activation", "vs_lora"), 1.05))
+    for m in ("lora", "sora"):
+        checks.append((f"sora-jax {m} / PEFT LoRA", ratio(results.get(f"jax/train/{m}/activation"),
+                                                         results.get("torch/train/peft_lora")), 1.0))
+    for m in METHODS:
+        checks.append((f"merged {m} inference / frozen", r(f"jax/infer/{m}/merged", "vs_frozen"), 1.02))
+    checks.append(("unmerged sora inference / frozen", r("jax/infer/sora/activation", "vs_frozen"), 1.05))
+    for m in METHODS:
+        checks.append((f"peak memory {m} / frozen-backprop", mem(f"jax/train/{m}/activation"), 1.10))
+    return [{"check": c, "value": v, "target": t, "pass": None if v is None else bool(v <= t)} for c, v, t in checks]
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(results: dict[str, dict], ratios: dict[str, dict], flops: dict[str, float],
+                checks: list[dict[str, Any]], out: Callable[[str], None]) -> None:
+    hdr = (f"{'variant':34s} {'median s':>9s} {'p10':>7s} {'p90':>7s} {'/fb':>6s} {'floor':>6s} {'/lora':>6s} "
+           f"{'floor':>6s} {'/torch':>6s} {'GF/s':>6s} {'%ceil':>6s} {'comp s':>7s} {'peak MB':>8s}")
+    for kind in ("train", "infer", "matmul"):
+        out(f"\n== {kind} ==")
+        out(hdr)
+        for name, st in results.items():
+            if st["kind"] != kind:
+                continue
+            rt = ratios.get(name, {})
+            mem = st.get("memory")
+            first = rt.get("vs_frozen_backprop", rt.get("vs_frozen"))
+            out(f"{name:34s} {fmt(st.get('median_s')):>9s} {fmt(st.get('p10_s')):>7s} {fmt(st.get('p90_s')):>7s} "
+                f"{fmt(first, '.2f'):>6s} {fmt(rt.get('flop_floor_vs_frozen_backprop'), '.2f'):>6s} "
+                f"{fmt(rt.get('vs_lora'), '.2f'):>6s} {fmt(rt.get('flop_floor_vs_lora'), '.2f'):>6s} "
+                f"{fmt(rt.get('vs_torch'), '.2f'):>6s} {fmt(st.get('achieved_gflops'), '.1f'):>6s} "
+                f"{fmt(None if rt.get('fraction_of_ceiling') is None else 100 * rt['fraction_of_ceiling'], '.0f'):>6s} "
+                f"{fmt(st.get('compile_s'), '.1f'):>7s} {fmt(None if not mem else mem['peak'] / 2**20, '.0f'):>8s}")
+    out("\n(/fb: median / frozen-backprop median (inference: / frozen model); floor: the same ratio of matmul FLOPs;"
+        " /lora: / LoRA on the same path; /torch: sora-jax / its PyTorch peer; peak MB: XLA compiled memory"
+        " analysis, argument + output - alias + temp)")
+    out("\n== acceptance targets ==")
+    for c in checks:
+        mark = "n/a" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        out(f"{c['check']:40s} {fmt(c['value'], '.3f'):>7s} <= {c['target']:.2f}  {mark}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="minilm", help="alias or model directory for sora_jax.load_pretrained")
+    src.add_argument("--synthetic", choices=("deberta-base", "llama-1b"), help="random weights, known config")
+    p.add_argument("--layers", type=int, default=None, help="override the synthetic model's layer count")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--r-p", dest="r_p", type=int, default=1)
+    p.add_argument("--targets", default=None, help="comma-separated target modules (default: the paper's GLUE set)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--paths", default=",".join(PATHS))
+    p.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
+    p.add_argument("--no-infer", action="store_true", help="skip inference")
+    p.add_argument("--peft", action="store_true", help="also run the PyTorch/PEFT peer")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
+    p.add_argument("--rounds", type=int, default=4, help="passes over all variants")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up step, 1 round of 2 steps")
+    p.add_argument("--out", default=None, help="JSON output (default experiments/results/bench-<model>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.warmup, args.rounds, args.steps = 1, 1, 2
+    for m in args.methods.split(","):
+        if m not in METHODS:
+            p.error(f"--methods: unknown method {m!r}; choose from {','.join(METHODS)}")
+    for q in args.paths.split(","):
+        if q not in PATHS:
+            p.error(f"--paths: unknown path {q!r}; choose from {','.join(PATHS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    methods, paths = args.methods.split(","), args.paths.split(",")
+    threads = len(os.sched_getaffinity(0))
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="sora_bench_") as tmp:
+        setup = load_setup(args, Path(tmp))
+        flops = flop_counts(setup)
+        log(f"model {setup.name} ({setup.model_type}), batch {args.batch} x {args.seq}, targets {setup.targets}, "
+            f"r {args.r}, r_p {args.r_p}; compiling")
+        jv: list[Variant] = jax_matmul_variants()
+        jv.append(jax_frozen_backprop_variant(setup, flops["frozen_backprop"]))
+        if not args.no_full:
+            jv.append(jax_train_variant(setup, None, "activation", flops["full"]))
+        for m in methods:
+            for q in paths:
+                jv.append(jax_train_variant(setup, m, q, flops[f"{m}/{q}"]))
+                log(f"  compiled {m}/{q}: {jv[-1].compile_s:.1f} s")
+        if not args.no_infer:
+            jv.extend(jax_infer_variants(setup, methods, paths, flops))
+        tv: list[Variant] = []
+        if args.peft:
+            peer = TorchPeer(setup, threads)
+            tv.extend(peer.matmul_variants())
+            tv.append(peer.frozen_backprop_variant(flops["frozen_backprop"]))
+            for tm, jm in TORCH_METHODS.items():
+                if jm in methods:
+                    tv.append(peer.train_variant(tm, flops.get(f"{jm}/activation")))
+            if not args.no_infer:
+                tv.append(peer.infer_variant(None, flops["infer/frozen"]))
+                for tm, jm in TORCH_METHODS.items():
+                    if jm in methods:
+                        tv.append(peer.infer_variant(tm, flops.get(f"infer/{jm}/activation")))
+        variants = interleave(jv, tv)
+        log(f"{len(variants)} variants; measuring {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up")
+        measure(variants, args.warmup, args.rounds, args.steps, log)
+
+    results = {v.name: v.stats() for v in variants}
+    ceiling = {fw: max((s["achieved_gflops"] for n, s in results.items() if s["kind"] == "matmul"
+                        and s["framework"] == fw), default=None) for fw in ("jax", "torch")}
+    ratios = summarise(results, flops, ceiling)
+    checks = acceptance(results, ratios)
+    lines: list[str] = []
+    print_table(results, ratios, flops, checks, lambda s: (print(s), lines.append(s)))
+    torch_threads = None
+    if args.peft:
+        import torch
+
+        torch_threads = {"num_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["bench.py", *argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": setup.name, "model_type": setup.model_type, "batch": args.batch, "seq": args.seq,
+        "r": args.r, "lora_alpha": args.alpha, "rotation_rank": args.r_p, "targets": list(setup.targets),
+        "methods": methods, "paths": paths, "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
+        "versions": versions(), "device": device_info(), "gpu": device_info()["gpu"],
+        "threads": {"cpu_count": threads, "jax_xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "torch": torch_threads},
+        "memory_note": "XLA compiled memory analysis of each JAX step (argument + output - alias + temp bytes); "
+                       "no torch memory figure on CPU",
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "matmul_ceiling_gflops": ceiling,
+        "flops": flops, "results": results, "ratios": ratios, "acceptance": checks,
+    }
+    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / f"bench-{setup.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    log(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
