@@ -148,6 +148,7 @@ def state_dict_to_params(
     head_prefixes: tuple[str, ...] = (),
     ignore_hf_keys: tuple[str, ...] = (),
     tied: tuple[tuple[str, str], ...] = (),
+    init_if_missing: tuple[str, ...] = (),
     source: str = "checkpoint",
 ) -> tuple[dict[str, Any], MatchReport]:
     """A Hugging Face (PyTorch-named) state dict -> our parameter tree shaped like ``expected``.
@@ -156,7 +157,7 @@ def state_dict_to_params(
       state: ``{hf key: array}`` (NumPy or anything ``np.asarray`` takes; PyTorch layout).
       expected: the model's parameter tree of shapes (``jax.eval_shape`` of ``init``, without the
         ``{"params": ...}`` wrapper); leaves need ``.shape``.
-      base_model_prefix, head_prefixes, ignore_hf_keys, tied: as in
+      base_model_prefix, head_prefixes, ignore_hf_keys, tied, init_if_missing: as in
         :class:`sora_jax.models.common.ModelFamily`. A checkpoint key matching ``ignore_hf_keys`` is
         skipped unless the model has it; checkpoint keys of a head the model lacks are dropped.
       source: names the checkpoint in error messages.
@@ -215,7 +216,7 @@ def state_dict_to_params(
             value = src if tuple(src.shape) == tuple(leaf.shape) else np.swapaxes(src, -1, -2)
             set_path(params, path, value)
             report.tied.append(joined)
-        elif path[0] in heads:
+        elif path[0] in heads or any(joined == q or joined.startswith(q + "/") for q in init_if_missing):
             report.initialized.append(joined)
         else:
             problems.append(f"missing key {name!r} (our {joined})")

@@ -312,6 +312,7 @@ def load_pretrained(
         head_prefixes=family.head_prefixes,
         ignore_hf_keys=family.ignore_hf_keys,
         tied=family.tied,
+        init_if_missing=family.init_if_missing,
         source=str(weights_file),
     )
     shapes = dict(convert.iter_paths(expected))
@@ -324,7 +325,7 @@ def load_pretrained(
     params = jax.tree.map(lambda v: jnp.asarray(v, dtype=param_dtype), loaded)
     if match.initialized:
         logger.warning(
-            "%s: newly initialised head parameters (train them before use): %s",
+            "%s: newly initialised parameters (train them before use): %s",
             weights_file,
             ", ".join(match.initialized),
         )

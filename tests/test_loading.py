@@ -120,6 +120,26 @@ def test_roberta_base_checkpoint_pooler_ignored(tmp_path):
     assert "pooler" not in model.params["roberta"]
 
 
+def test_roberta_classification_checkpoint_as_base_initialises_pooler(tmp_path):
+    # RobertaForSequenceClassification has no pooler; RobertaModel has one: initialised, as transformers does
+    tm = torch_model("roberta")
+    model = load_pretrained(save(tm, tmp_path / "m"), task="base")
+    assert model.report["initialized"] == ["roberta/pooler/dense/bias", "roberta/pooler/dense/kernel"]
+    assert sorted(model.report["dropped_heads"]) == [
+        "classifier.dense.bias",
+        "classifier.dense.weight",
+        "classifier.out_proj.bias",
+        "classifier.out_proj.weight",
+    ]
+    kernel = np.asarray(model.params["roberta"]["pooler"]["dense"]["kernel"])
+    assert 0.5 * tm.config.initializer_range < kernel.std() < 1.5 * tm.config.initializer_range
+    b = batch(tm.config)
+    out = model.apply(model.params, **b)
+    assert _err(out["last_hidden_state"], torch_forward(tm.roberta, b).last_hidden_state, b["attention_mask"]) < TOL
+    first = np.asarray(out["last_hidden_state"])[:, 0]
+    np.testing.assert_allclose(out["pooler_output"], np.tanh(first @ kernel), atol=TOL)
+
+
 def test_classification_checkpoint_as_base_drops_head(tmp_path):
     tm = torch_model("bert")
     model = load_pretrained(save(tm, tmp_path / "m"), task="base")

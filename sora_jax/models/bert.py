@@ -374,8 +374,10 @@ ROBERTA_FAMILY = ModelFamily(
     tasks=TASKS,
     base_model_prefix="roberta",
     head_prefixes=("classifier",),
-    # RobertaForSequenceClassification has no pooler: a base checkpoint's pooler is left unused
+    # RobertaForSequenceClassification has no pooler: a base checkpoint's pooler is left unused, and
+    # a base model loaded from a classification checkpoint gets a fresh one (as in transformers)
     ignore_hf_keys=(*_IGNORE, r"^roberta\.pooler\."),
+    init_if_missing=("roberta/pooler",),
 )
 
 FAMILY = BERT_FAMILY

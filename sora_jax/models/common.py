@@ -111,6 +111,9 @@ class ModelFamily:
         pre-training heads, a pooler that the task's model lacks).
       tied: ``{our_path: source_path}`` for parameters that may be tied to another in the checkpoint
         (``lm_head/kernel`` from the input embedding when ``tie_word_embeddings``).
+      init_if_missing: ``/``-joined path prefixes of non-head parameters that are initialised (and
+        reported) when a checkpoint lacks them, as ``transformers`` does (a base model's pooler loaded
+        from a checkpoint of a task model that has none).
     """
 
     model_types: tuple[str, ...]
@@ -120,3 +123,4 @@ class ModelFamily:
     head_prefixes: tuple[str, ...] = ()
     ignore_hf_keys: tuple[str, ...] = ()
     tied: tuple[tuple[str, str], ...] = ()
+    init_if_missing: tuple[str, ...] = ()
