@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -62,7 +63,8 @@ from sora_jax.adapter import find_modules  # noqa: E402
 from sora_jax.train import TrainConfig, Trainer, loss_sums  # noqa: E402
 
 METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
-PATHS = ("activation", "weight")
+# "unfused": the activation path with every adapter term on activations (sora_jax.dense.FUSED off)
+PATHS = ("activation", "unfused", "weight")
 # The paper's GLUE targets (SPEC section 5) per model family; PEFT-style suffixes.
 TARGETS = {
     "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
@@ -200,7 +202,7 @@ def adapter_extra_flops(layer: Dense, method: str, path: str, r: int, r_p: int, 
     """FLOPs an adapter adds to one layer's step on top of the frozen one (matmuls only)."""
     N, i, o = layer.rows, layer.d_in, layer.d_out
     rot = method in ("sora", "pre_ortho", "post_ortho")
-    if path == "activation":
+    if path in ("activation", "unfused"):
         fwd = 2.0 * N * r * (i + o) + (8.0 * N * o * r_p if rot else 0.0)
         norm = (2.0 * r * i * o + 2.0 * r * r * (i + o)) if method == "dora" else 0.0  # once per step, no grad
         return (3.0 * fwd if training else fwd) + norm
@@ -301,13 +303,24 @@ def inputs_of(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in ("input_ids", "attention_mask")}
 
 
+@contextlib.contextmanager
+def layer_form(path: str):
+    """Trace the activation path fused (``sora_jax.dense.FUSED``) unless ``path == "unfused"``."""
+    saved = sj.dense.FUSED
+    sj.dense.FUSED = path != "unfused"
+    try:
+        yield
+    finally:
+        sj.dense.FUSED = saved
+
+
 def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float | None) -> Variant:
     """A jitted train step of :class:`sora_jax.train.Trainer` (``method=None``: full fine-tuning)."""
     cfg = None if method is None else setup.adapter_config(method)
     model = setup.model
     trainer = Trainer(model.apply, model.params, num_labels=int(model.config.num_labels), total_steps=10**6,
                       adapter_config=cfg, modules_to_save=setup.heads,
-                      config=TrainConfig(lr=1e-5, path=path, dropout=False))
+                      config=TrainConfig(lr=1e-5, path="activation" if path == "unfused" else path, dropout=False))
     holder = {"state": trainer.init_state(0)}
     batch = trainer.put_batch(setup.batch)
     jitted = trainer._compiled_train(holder["state"])
@@ -319,7 +332,8 @@ def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float 
         return run
 
     name = "jax/train/full" if method is None else f"jax/train/{method}/{path}"
-    return compile_jax(name, "train", jitted, (holder["state"], trainer.frozen, batch), make_run, flops)
+    with layer_form(path):
+        return compile_jax(name, "train", jitted, (holder["state"], trainer.frozen, batch), make_run, flops)
 
 
 def _embedding_path(setup: Setup) -> tuple[str, ...]:
@@ -386,7 +400,7 @@ def jax_infer_variants(setup: Setup, methods: list[str], paths: list[str], flops
     def weight(p, ad, b):
         return model.apply(sj.apply_adapter(p, ad), **b)["logits"]
 
-    fns = {"activation": jax.jit(activation), "weight": jax.jit(weight)}
+    fns = {"activation": jax.jit(activation), "unfused": jax.jit(activation), "weight": jax.jit(weight)}
 
     def runner(*args):
         return lambda compiled: (lambda: jax.block_until_ready(compiled(*args)))
@@ -397,8 +411,9 @@ def jax_infer_variants(setup: Setup, methods: list[str], paths: list[str], flops
     for m in methods:
         adapter = trained_looking(sj.init_adapter(jax.random.key(0), params, setup.adapter_config(m)))
         for p in paths:
-            out.append(compile_jax(f"jax/infer/{m}/{p}", "infer", fns[p], (params, adapter, batch),
-                                   runner(params, adapter, batch), flops[f"infer/{m}/{p}"]))
+            with layer_form(p):
+                out.append(compile_jax(f"jax/infer/{m}/{p}", "infer", fns[p], (params, adapter, batch),
+                                       runner(params, adapter, batch), flops[f"infer/{m}/{p}"]))
         merged = jax.block_until_ready(sj.merge(params, adapter))
         out.append(compile_jax(f"jax/infer/{m}/merged", "infer", plain_jit, (merged, batch), runner(merged, batch),
                                flops[f"infer/{m}/merged"]))
@@ -758,7 +773,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r-p", dest="r_p", type=int, default=1)
     p.add_argument("--targets", default=None, help="comma-separated target modules (default: the paper's GLUE set)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--paths", default=",".join(PATHS))
+    p.add_argument("--paths", default="activation,weight", help=f"of {','.join(PATHS)}")
     p.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
     p.add_argument("--no-infer", action="store_true", help="skip inference")
     p.add_argument("--peft", action="store_true", help="also run the PyTorch/PEFT peer")

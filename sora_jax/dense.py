@@ -1,4 +1,4 @@
-"""Activation-side execution: the adapted layer computed on activations, never forming ``W'``.
+"""Activation-side execution: the adapted layer without the weight gradient ``dL/dW'``.
 
 The same layer as :func:`sora_jax.apply_adapter` (SPEC section 2), for ``x: (N, d_in)``,
 ``y = x W`` (one frozen matmul) and ``u = s drop(x) A B``:
@@ -17,18 +17,24 @@ comes from the factors: ``n_j^2 = ||w_j||^2 + 2 s (W^T A B)_jj + s^2 ||(A B)_j||
 ``O(r d_in d_out)`` once per step, not per token, and is a constant of the backward pass
 (``stop_gradient``). With dropout 0 both paths agree to float32 rounding.
 
-Speed (see experiments/PERF.md). The frozen matmul ``x W + b`` is left to autodiff (its input gradient
-``g W^T``; no weight gradient unless ``W`` itself is differentiated). Everything after it (the
-adapter's "tail": diagonal, LoRA branch, Taylor rotation) has a hand-written backward
-(:func:`jax.custom_vjp`) that
+Speed (see experiments/PERF.md). The whole layer has a hand-written backward (:func:`jax.custom_vjp`)
+whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, never the
+``(d_in, d_out)`` weight gradient ``x^T G`` that the weight path pays. It
 
+- forms the effective weight ``W'`` (``O(d_in d_out (r + 2 r_p))``, once per step, never
+  differentiated; float32 without LoRA dropout, :data:`FUSED`) so that the input gradient is one
+  matmul ``G W'^T`` as in the frozen layer; LoRA, DoRA and the Pre-/Post-Ortho ablations also run
+  their forward as ``x W' + b'`` (Pre-Diag and SORA need ``y = x W`` itself for ``d``'s gradient),
+  and inference (no gradient) is ``x W' + b'`` for every method;
+- takes every thin product of ``x`` in one pass (``x [A, Z C, Z D]``, ``Z`` the rotation's input
+  weight) and the LoRA and rotation terms of the output in one thin matmul;
 - computes each thin weight gradient ``X^T G`` (``X: (N, k)``, ``G: (N, d)``, ``k`` = r or r_p) as
   ``(G^T X)^T`` behind an optimisation barrier: XLA's CPU backend runs the ``(d, k)``-output form of
   a contraction over the ``N`` rows 5-10x slower than the ``(k, d)``-output form, and its algebraic
   simplifier would otherwise fold the transpose back into the dot;
-- stores only what the backward needs: the adapter's input ``x`` (shared with the frozen path), the
-  ``(N, r)`` and ``(N, 2 r_p)`` products, and at most one ``(N, d_out)`` tensor per layer (SORA
-  recomputes its rotation input ``d * (y + b) + u`` from it).
+- stores only what the backward needs: the adapter's input ``x``, the ``(N, r)`` and ``(N, 2 r_p)``
+  products, and one ``(N, d_out)`` tensor per layer only for the methods whose gradient needs it
+  (``y`` for ``d``; DoRA's ``v = x (W + s A B)`` for ``m``).
 
 Exact rotations (``cayley``, ``exp``) take the plain autodiff form.
 
@@ -69,25 +75,120 @@ def _tdot(a: Array, b: Array) -> Array:
 
 
 ROTATING = ("pre_ortho", "post_ortho", "sora")
+FUSED = True  # see _layer; False: every adapter term on activations (for benchmarks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _layer(method: str, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]) -> Array:
+def _rot_rows(Z: Array, C: Array, D: Array, sp: Array) -> Array:
+    """``Z R = Z + s_p ((Z C) D^T - (Z D) C^T)`` for ``Z: (n, d_out)`` (the Taylor rotation)."""
+    return Z + sp * ((Z @ C) @ D.T - (Z @ D) @ C.T)
+
+
+def _rotation_input(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
+    """The rotation's input ``z = x Z + b_z`` as weights: ``Z: (d_in, d_out)``, ``b_z: (d_out,)``."""
+    if method == "pre_ortho":
+        return W, b
+    if method == "post_ortho":
+        return W + lv["A"] @ lv["Bs"], b
+    return W * lv["d"] + lv["A"] @ lv["Bs"], None if b is None else lv["d"] * b  # sora
+
+
+def _effective_weight(method: str, W: Array, lv: dict[str, Array], Z: Array | None = None) -> Array:
+    """``W'`` of SPEC section 2 from the layer's leaves (``Bs = s B``; DoRA's ``k = m / n``): ``(d_in, d_out)``.
+
+    ``Z``: the rotation's input weight (:func:`_rotation_input`) when already formed. Costs
+    ``O(d_in d_out (r + 2 r_p))`` once per step; used for the input gradient ``G W'^T`` and, where no
+    ``x W`` is needed, for the forward; never differentiated."""
+    if method in ROTATING:
+        Z = _rotation_input(method, W, None, lv)[0] if Z is None else Z
+        out = _rot_rows(Z, lv["C"], lv["D"], lv["sp"])
+        return out + lv["A"] @ lv["Bs"] if method == "pre_ortho" else out
+    AB = lv["A"] @ lv["Bs"]
+    if method == "lora":
+        return W + AB
+    if method == "dora":
+        return (W + AB) * lv["k"]
+    return W * lv["d"] + AB  # prediag
+
+
+def _effective_bias(method: str, b: Array, lv: dict[str, Array]) -> Array:
+    """``b'`` of SPEC section 2: ``b`` (LoRA, DoRA), ``d * b`` (Pre-Diag), ``b R``, ``(d * b) R``."""
+    if method in ("prediag", "sora"):
+        b = lv["d"] * b
+    return _rot_rows(b[None], lv["C"], lv["D"], lv["sp"])[0] if method in ROTATING else b
+
+
+# methods whose forward needs no ``x W`` of its own: one matmul ``x W'`` (``W'`` formed per step)
+MERGED_FORWARD = ("lora", "dora", "pre_ortho", "post_ortho")
+
+
+def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[str, Array], res: dict):
+    """The forward with ``W'`` formed (``fused``): one thin pass over ``x`` for ``h = x A`` and, with a
+    rotation, ``ac = z [C, D] = x (Z [C, D]) + b_z [C, D]``; then
+
+    - ``lora``, ``pre_ortho``, ``post_ortho``: ``x W' + b'`` (one matmul);
+    - ``dora``: ``k v + b`` with ``v = x (W + s A B)`` kept for ``k``'s gradient;
+    - ``prediag``, ``sora``: ``d (x W + b) + [h, ac] M`` with ``M = [Bs; s_p D^T; -s_p C^T]`` (one thin
+      matmul), ``y = x W`` kept for ``d``'s gradient."""
+    A, Bs = lv["A"], lv["Bs"]
+    r = A.shape[1]
+    if method in ROTATING:
+        C, D, sp = lv["C"], lv["D"], lv["sp"]
+        U = jnp.concatenate([C, D], axis=1)  # (d_out, 2 r_p)
+        Z, bz = _rotation_input(method, W, b, lv)
+        hz = x @ jnp.concatenate([A, Z @ U], axis=1)
+        h, ac = hz[:, :r], hz[:, r:]
+        res["ac"] = ac if bz is None else ac + bz @ U
+        Weff = _effective_weight(method, W, lv, Z) if method in MERGED_FORWARD else None
+    else:
+        h = x @ A
+        Weff = _effective_weight(method, W, lv) if method in MERGED_FORWARD else None
+    res["h"] = h  # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
+    if method == "dora":
+        v = res["y"] = x @ (W + A @ Bs)
+        out = lv["k"] * v
+        return (out if b is None else out + b), res
+    if method in MERGED_FORWARD:
+        out = x @ Weff
+        if b is not None:
+            out = out + _effective_bias(method, b, lv)
+        return out, res
+    y = res["y"] = x @ W
+    p = y if b is None else y + b
+    if method == "prediag":
+        return lv["d"] * p + h @ Bs, res
+    M = jnp.concatenate([Bs, sp * D.T, -sp * C.T], axis=0)  # (r + 2 r_p, d_out)
+    return lv["d"] * p + jnp.concatenate([h, res["ac"]], axis=1) @ M, res
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _layer(
+    method: str, fused: bool, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]
+) -> Array:
     """One adapted layer (Taylor rotation) on 2-D activations ``x, xd: (N, d_in)`` -> ``(N, d_out)``.
 
     ``xd`` is the LoRA branch's input (``x`` after dropout; ``None``: ``x`` itself); ``lv`` holds ``A (d_in, r)``,
     ``Bs = s B (r, d_out)`` and, per method, ``d (d_out,)``, ``k = m / n (d_out,)`` (DoRA),
-    ``C, D (d_out, r_p)`` and ``sp`` (scalar ``s_p``)."""
-    return _layer_fwd(method, x, W, b, xd, lv)[0]
+    ``C, D (d_out, r_p)`` and ``sp`` (scalar ``s_p``). ``fused`` (needs ``xd is None``): form the
+    effective weight ``W'`` once per step, take the input gradient as ``G W'^T`` (one matmul, as the
+    frozen layer) and, for :data:`MERGED_FORWARD` methods, the output as ``x W' + b'``. Undifferentiated
+    (inference), a fused layer is always ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
+    if fused:
+        out = x @ _effective_weight(method, W, lv)
+        return out if b is None else out + _effective_bias(method, b, lv)
+    return _layer_fwd(method, fused, x, W, b, xd, lv)[0]
 
 
-def _layer_fwd(method: str, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]):
-    y = x @ W
-    h = (x if xd is None else xd) @ lv["A"]
+def _layer_fwd(
+    method: str, fused: bool, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]
+):
+    res: dict[str, Array | None] = {"x": x, "W": W, "b": b, "xd": xd, **lv}
+    if fused:
+        return _fused_forward(method, x, W, b, lv, res)
     Bs = lv["Bs"]
+    h = res["h"] = (x if xd is None else xd) @ lv["A"]
+    y = x @ W
     u = h @ Bs
     p = y if b is None else y + b
-    res: dict[str, Array | None] = {"x": x, "W": W, "b": b, "xd": xd, "h": h, **lv}
     if method == "lora":
         return p + u, res
     res["y"] = y
@@ -117,7 +218,7 @@ def _layer_fwd(method: str, x: Array, W: Array, b: Array | None, xd: Array | Non
     return (out + u if method == "pre_ortho" else out), res
 
 
-def _layer_bwd(method: str, res: dict[str, Array | None], G: Array):
+def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array):
     x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
     grads: dict[str, Array] = {}
     if method in ROTATING:
@@ -172,7 +273,10 @@ def _layer_bwd(method: str, res: dict[str, Array | None], G: Array):
             dx = G @ (W * k).T
             dh = G @ (Bs * k).T
             grads["Bs"] = hG * k
-            grads["k"] = jnp.sum(G * res["y"], axis=0) + jnp.sum(Bs * hG, axis=0)
+            # y holds x W (+ u separately), or v = x W + u when the forward was merged
+            grads["k"] = jnp.sum(G * res["y"], axis=0)
+            if not (fused and method in MERGED_FORWARD):
+                grads["k"] = grads["k"] + jnp.sum(Bs * hG, axis=0)
             dp = k * G  # cotangent of y; the bias gets G
         else:
             dh = G @ Bs.T
@@ -187,9 +291,12 @@ def _layer_bwd(method: str, res: dict[str, Array | None], G: Array):
                 dx = G @ W.T
                 dp = G
         grads["A"] = _tdot(dh, x if xd is None else xd).T  # (d_in, r)
-    dxd = dh @ A.T
-    if xd is None:
-        dx, dxd = dx + dxd, None
+    if fused:  # the input gradient through the effective weight: one matmul, as in the frozen layer
+        dx, dxd = G @ _effective_weight(method, W, res).T, None
+    else:
+        dxd = dh @ A.T
+        if xd is None:
+            dx, dxd = dx + dxd, None
     # cotangents of the frozen kernel and bias: dead code unless they are differentiated
     dW = jnp.dot(x.T, dp)
     db = None if b is None else jnp.sum(G if method == "dora" else dp, axis=0)
@@ -259,7 +366,10 @@ def adapted_layer(
         if config.has_rotation:
             tail.update(C=lv["C"], D=lv["D"], sp=s_p(lv["C"], lv["D"], config.initial_s_p))
         dropped = dropout_key is not None and config.lora_dropout > 0.0
-        out = _layer(method, x, W, b, _dropout(x, config.lora_dropout, dropout_key) if dropped else None, tail)
+        xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
+        # forming W' is exact only in float32 (in bfloat16 a small update would round away)
+        fused = FUSED and xd is None and dt == jnp.float32
+        out = _layer(method, fused, x, W, b, xd, tail)
     return out.reshape(*lead, out.shape[-1])
 
 

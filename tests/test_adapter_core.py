@@ -166,8 +166,10 @@ def test_apply_matches_numpy_reference(method, rotation):
     assert out["enc"]["layer_0"]["ln"]["scale"] is params["enc"]["layer_0"]["ln"]["scale"]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize(("method", "rotation"), METHOD_ROTATIONS)
-def test_activation_path_equals_weight_path(method, rotation):
+def test_activation_path_equals_weight_path(method, rotation, fused, monkeypatch):
+    monkeypatch.setattr(sj.dense, "FUSED", fused)  # x W' + b' with W' formed, or every term on activations
     params = make_params()
     cfg = sj.AdapterConfig(method=method, r=3, lora_alpha=6, rotation_rank=2, rotation=rotation,
                            target_modules=["query", "nobias"])

@@ -92,8 +92,12 @@ def _perturbed(adapter: sj.Adapter) -> sj.Adapter:
     return jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize(("method", "rotation"), [(m, "taylor") for m in sj.METHODS] + [("sora", "cayley")])
-def test_activation_and_weight_paths_agree(tiny_dir, method, rotation):
+def test_activation_and_weight_paths_agree(tiny_dir, method, rotation, fused, monkeypatch):
+    """Both forms of the activation path's layer (``sora_jax.dense.FUSED``: the effective weight formed for
+    the input gradient and, where possible, the forward; or every term on activations)."""
+    monkeypatch.setattr(sj.dense, "FUSED", fused)
     model = load_pretrained(str(tiny_dir), load_tokenizer=False)
     cfg = sj.AdapterConfig(method=method, r=4, lora_alpha=8, rotation_rank=2, rotation=rotation, target_modules=TARGETS)
     adapter = _perturbed(sj.init_adapter(jax.random.key(0), model.params, cfg))
