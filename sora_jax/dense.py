@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.adapter import Adapter
+from sora_jax.methods import condition
 from sora_jax.models.common import default_dense
 from sora_jax.rotation import rotate, s_p
 
@@ -79,7 +80,7 @@ FUSED = True  # see _layer; False: every adapter term on activations (for benchm
 
 
 def _rot_rows(Z: Array, C: Array, D: Array, sp: Array) -> Array:
-    """``Z R = Z + s_p ((Z C) D^T - (Z D) C^T)`` for ``Z: (n, d_out)`` (the Taylor rotation)."""
+    """``Z R = Z + s_p ((Z C) D^T - (Z D) C^T)`` for ``Z: (..., d_out)`` (the Taylor rotation)."""
     return Z + sp * ((Z @ C) @ D.T - (Z @ D) @ C.T)
 
 
@@ -92,29 +93,12 @@ def _rotation_input(method: str, W: Array, b: Array | None, lv: dict[str, Array]
     return W * lv["d"] + lv["A"] @ lv["Bs"], None if b is None else lv["d"] * b  # sora
 
 
-def _effective_weight(method: str, W: Array, lv: dict[str, Array], Z: Array | None = None) -> Array:
-    """``W'`` of SPEC section 2 from the layer's leaves (``Bs = s B``; DoRA's ``k = m / n``): ``(d_in, d_out)``.
-
-    ``Z``: the rotation's input weight (:func:`_rotation_input`) when already formed. Costs
-    ``O(d_in d_out (r + 2 r_p))`` once per step; used for the input gradient ``G W'^T`` and, where no
-    ``x W`` is needed, for the forward; never differentiated."""
-    if method in ROTATING:
-        Z = _rotation_input(method, W, None, lv)[0] if Z is None else Z
-        out = _rot_rows(Z, lv["C"], lv["D"], lv["sp"])
-        return out + lv["A"] @ lv["Bs"] if method == "pre_ortho" else out
-    AB = lv["A"] @ lv["Bs"]
-    if method == "lora":
-        return W + AB
-    if method == "dora":
-        return (W + AB) * lv["k"]
-    return W * lv["d"] + AB  # prediag
-
-
-def _effective_bias(method: str, b: Array, lv: dict[str, Array]) -> Array:
-    """``b'`` of SPEC section 2: ``b`` (LoRA, DoRA), ``d * b`` (Pre-Diag), ``b R``, ``(d * b) R``."""
-    if method in ("prediag", "sora"):
-        b = lv["d"] * b
-    return _rot_rows(b[None], lv["C"], lv["D"], lv["sp"])[0] if method in ROTATING else b
+def _conditioned(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
+    """``(W', b')`` of SPEC section 2 (:func:`sora_jax.methods.condition`) from the layer's leaves
+    (``Bs = s B``; DoRA's ``k = m / n``; ``sp``). ``W': (d_in, d_out)``, formed once per step in
+    ``O(d_in d_out (r + 2 r_p))``, never differentiated."""
+    rot = functools.partial(_rot_rows, C=lv["C"], D=lv["D"], sp=lv["sp"]) if method in ROTATING else None
+    return condition(method, W, b, lv["A"] @ lv["Bs"], d=lv.get("d"), dora_scale=lambda _: lv["k"], rot=rot)
 
 
 # methods whose forward needs no ``x W`` of its own: one matmul ``x W'`` (``W'`` formed per step)
@@ -138,20 +122,16 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
         hz = x @ jnp.concatenate([A, Z @ U], axis=1)
         h, ac = hz[:, :r], hz[:, r:]
         res["ac"] = ac if bz is None else ac + bz @ U
-        Weff = _effective_weight(method, W, lv, Z) if method in MERGED_FORWARD else None
     else:
         h = x @ A
-        Weff = _effective_weight(method, W, lv) if method in MERGED_FORWARD else None
     res["h"] = h  # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
     if method == "dora":
         v = res["y"] = x @ (W + A @ Bs)
         out = lv["k"] * v
         return (out if b is None else out + b), res
     if method in MERGED_FORWARD:
-        out = x @ Weff
-        if b is not None:
-            out = out + _effective_bias(method, b, lv)
-        return out, res
+        Weff, beff = _conditioned(method, W, b, lv)
+        return (x @ Weff if beff is None else x @ Weff + beff), res
     y = res["y"] = x @ W
     p = y if b is None else y + b
     if method == "prediag":
@@ -173,8 +153,8 @@ def _layer(
     frozen layer) and, for :data:`MERGED_FORWARD` methods, the output as ``x W' + b'``. Undifferentiated
     (inference), a fused layer is always ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
     if fused:
-        out = x @ _effective_weight(method, W, lv)
-        return out if b is None else out + _effective_bias(method, b, lv)
+        Weff, beff = _conditioned(method, W, b, lv)
+        return x @ Weff if beff is None else x @ Weff + beff
     return _layer_fwd(method, fused, x, W, b, xd, lv)[0]
 
 
@@ -292,7 +272,7 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
                 dp = G
         grads["A"] = _tdot(dh, x if xd is None else xd).T  # (d_in, r)
     if fused:  # the input gradient through the effective weight: one matmul, as in the frozen layer
-        dx, dxd = G @ _effective_weight(method, W, res).T, None
+        dx, dxd = G @ _conditioned(method, W, None, res)[0].T, None
     else:
         dxd = dh @ A.T
         if xd is None:

@@ -18,6 +18,8 @@ with ``n = stop_gradient(colnorm(W + s A B))`` and ``R`` from :mod:`sora_jax.rot
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -55,30 +57,50 @@ def init_leaves(key: Array, W: Array, config: AdapterConfig, r: int, dtype=jnp.f
     return leaves
 
 
-def effective(
-    W: Array, b: Array | None, leaves: dict[str, Array], config: AdapterConfig, scaling: float
+def condition(
+    method: str,
+    W: Array,
+    b: Array | None,
+    AB: Array,
+    d: Array | None = None,
+    dora_scale: Callable[[Array], Array] | None = None,
+    rot: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Array | None]:
-    """``(W', b')`` of SPEC section 2's table, computed in ``W``'s dtype. ``W: (d_in, d_out)``."""
-    method = config.method
-    dt = W.dtype
-    lv = {k: v.astype(dt) for k, v in leaves.items()}
+    """SPEC section 2's table from its pieces: ``W: (d_in, d_out)``, ``b: (d_out,)``, the low-rank update
+    ``AB = s A B: (d_in, d_out)``, the diagonal ``d (d_out,)`` (Pre-Diag, SORA), DoRA's column scale
+    ``dora_scale(W + s A B) -> (d_out,)`` and the rotation ``rot(z) = z R`` on rows (Pre-/Post-Ortho, SORA).
 
-    def rot(z: Array) -> Array:
-        return rotate(z, lv["C"], lv["D"], config.initial_s_p, config.rotation)
-
-    if config.has_diag:
-        W = W * lv["d"]
-        b = None if b is None else b * lv["d"]
+    Returns ``(W', b')``: ``T_post(T_pre(W) + s A B)`` and the bias conditioned the same way."""
+    if d is not None:
+        W = W * d
+        b = None if b is None else b * d
     if method == "pre_ortho":
         W = rot(W)
         b = None if b is None else rot(b)
-    W = W + scaling * (lv["A"] @ lv["B"])
+    W = W + AB
     if method == "dora":
-        W = W * (lv["m"] / jax.lax.stop_gradient(colnorm(W)))
+        W = W * dora_scale(W)
     if method in ("sora", "post_ortho"):
         W = rot(W)
         b = None if b is None else rot(b)
     return W, b
+
+
+def effective(
+    W: Array, b: Array | None, leaves: dict[str, Array], config: AdapterConfig, scaling: float
+) -> tuple[Array, Array | None]:
+    """``(W', b')`` of SPEC section 2's table, computed in ``W``'s dtype. ``W: (d_in, d_out)``."""
+    dt = W.dtype
+    lv = {k: v.astype(dt) for k, v in leaves.items()}
+    return condition(
+        config.method,
+        W,
+        b,
+        scaling * (lv["A"] @ lv["B"]),
+        d=lv.get("d") if config.has_diag else None,
+        dora_scale=lambda V: lv["m"] / jax.lax.stop_gradient(colnorm(V)),
+        rot=lambda z: rotate(z, lv["C"], lv["D"], config.initial_s_p, config.rotation),
+    )
 
 
 def trainable_count(d_in: int, d_out: int, config: AdapterConfig, r: int) -> int:
