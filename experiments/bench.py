@@ -34,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -63,7 +62,7 @@ from sora_jax.adapter import find_modules  # noqa: E402
 from sora_jax.train import TrainConfig, Trainer, loss_sums  # noqa: E402
 
 METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
-# "unfused": the activation path with every adapter term on activations (sora_jax.dense.FUSED off)
+# "unfused": the activation path with every adapter term on activations (adapted_dense(..., fused=False))
 PATHS = ("activation", "unfused", "weight")
 # The paper's GLUE targets (SPEC section 5) per model family; PEFT-style suffixes.
 TARGETS = {
@@ -303,27 +302,17 @@ def inputs_of(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in ("input_ids", "attention_mask")}
 
 
-@contextlib.contextmanager
-def layer_form(path: str):
-    """Trace the activation path fused (``sora_jax.dense.FUSED``) unless ``path == "unfused"``."""
-    saved = sj.dense.FUSED
-    sj.dense.FUSED = path != "unfused"
-    try:
-        yield
-    finally:
-        sj.dense.FUSED = saved
-
-
 def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float | None) -> Variant:
     """A jitted train step of :class:`sora_jax.train.Trainer` (``method=None``: full fine-tuning)."""
     cfg = None if method is None else setup.adapter_config(method)
     model = setup.model
     trainer = Trainer(model.apply, model.params, num_labels=int(model.config.num_labels), total_steps=10**6,
                       adapter_config=cfg, modules_to_save=setup.heads,
-                      config=TrainConfig(lr=1e-5, path="activation" if path == "unfused" else path, dropout=False))
+                      config=TrainConfig(lr=1e-5, path="activation" if path == "unfused" else path, dropout=False,
+                                         fused=path != "unfused"))
     holder = {"state": trainer.init_state(0)}
     batch = trainer.put_batch(setup.batch)
-    jitted = trainer._compiled_train(holder["state"])
+    jitted = trainer.jitted_train_step(holder["state"])
 
     def make_run(compiled):
         def run() -> None:
@@ -332,8 +321,7 @@ def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float 
         return run
 
     name = "jax/train/full" if method is None else f"jax/train/{method}/{path}"
-    with layer_form(path):
-        return compile_jax(name, "train", jitted, (holder["state"], trainer.frozen, batch), make_run, flops)
+    return compile_jax(name, "train", jitted, (holder["state"], trainer.frozen, batch), make_run, flops)
 
 
 def _embedding_path(setup: Setup) -> tuple[str, ...]:
@@ -397,10 +385,13 @@ def jax_infer_variants(setup: Setup, methods: list[str], paths: list[str], flops
     def activation(p, ad, b):
         return model.apply(p, dense_fn=sj.adapted_dense(ad), **b)["logits"]
 
+    def unfused(p, ad, b):
+        return model.apply(p, dense_fn=sj.adapted_dense(ad, fused=False), **b)["logits"]
+
     def weight(p, ad, b):
         return model.apply(sj.apply_adapter(p, ad), **b)["logits"]
 
-    fns = {"activation": jax.jit(activation), "unfused": jax.jit(activation), "weight": jax.jit(weight)}
+    fns = {"activation": jax.jit(activation), "unfused": jax.jit(unfused), "weight": jax.jit(weight)}
 
     def runner(*args):
         return lambda compiled: (lambda: jax.block_until_ready(compiled(*args)))
@@ -411,9 +402,8 @@ def jax_infer_variants(setup: Setup, methods: list[str], paths: list[str], flops
     for m in methods:
         adapter = trained_looking(sj.init_adapter(jax.random.key(0), params, setup.adapter_config(m)))
         for p in paths:
-            with layer_form(p):
-                out.append(compile_jax(f"jax/infer/{m}/{p}", "infer", fns[p], (params, adapter, batch),
-                                       runner(params, adapter, batch), flops[f"infer/{m}/{p}"]))
+            out.append(compile_jax(f"jax/infer/{m}/{p}", "infer", fns[p], (params, adapter, batch),
+                                   runner(params, adapter, batch), flops[f"infer/{m}/{p}"]))
         merged = jax.block_until_ready(sj.merge(params, adapter))
         out.append(compile_jax(f"jax/infer/{m}/merged", "infer", plain_jit, (merged, batch), runner(merged, batch),
                                flops[f"infer/{m}/merged"]))

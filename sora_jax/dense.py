@@ -22,7 +22,7 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
 ``(d_in, d_out)`` weight gradient ``x^T G`` that the weight path pays. It
 
 - forms the effective weight ``W'`` (``O(d_in d_out (r + 2 r_p))``, once per step, never
-  differentiated; float32 without LoRA dropout, :data:`FUSED`) so that the input gradient is one
+  differentiated; float32 without LoRA dropout, ``fused=True``) so that the input gradient is one
   matmul ``G W'^T`` as in the frozen layer; LoRA, DoRA and the Pre-/Post-Ortho ablations also run
   their forward as ``x W' + b'`` (Pre-Diag and SORA need ``y = x W`` itself for ``d``'s gradient),
   and inference (no gradient) is ``x W' + b'`` for every method;
@@ -76,7 +76,6 @@ def _tdot(a: Array, b: Array) -> Array:
 
 
 ROTATING = ("pre_ortho", "post_ortho", "sora")
-FUSED = True  # see _layer; False: every adapter term on activations (for benchmarks)
 
 
 def _rot_rows(Z: Array, C: Array, D: Array, sp: Array) -> Array:
@@ -324,8 +323,12 @@ def adapted_layer(
     config,
     scaling: float,
     dropout_key: Array | None = None,
+    fused: bool = True,
 ) -> Array:
-    """One adapted dense layer on activations. ``x: (..., d_in)``, ``kernel: (d_in, d_out)`` -> ``(..., d_out)``."""
+    """One adapted dense layer on activations. ``x: (..., d_in)``, ``kernel: (d_in, d_out)`` -> ``(..., d_out)``.
+
+    ``fused``: form ``W'`` once per step where that is exact (see the module docstring); ``False``
+    keeps every adapter term on activations."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     dt = x.dtype
@@ -348,16 +351,17 @@ def adapted_layer(
         dropped = dropout_key is not None and config.lora_dropout > 0.0
         xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
         # forming W' is exact only in float32 (in bfloat16 a small update would round away)
-        fused = FUSED and xd is None and dt == jnp.float32
+        fused = fused and xd is None and dt == jnp.float32
         out = _layer(method, fused, x, W, b, xd, tail)
     return out.reshape(*lead, out.shape[-1])
 
 
-def adapted_dense(adapter: Adapter, dropout_rng: Array | None = None) -> Callable[..., Array]:
+def adapted_dense(adapter: Adapter, dropout_rng: Array | None = None, fused: bool = True) -> Callable[..., Array]:
     """A model ``dense_fn(path, x, kernel, bias)`` that runs ``adapter`` on activations.
 
     Modules without adapter leaves compute ``x W + b``. ``dropout_rng``: a key for LoRA dropout
     (``config.lora_dropout``), folded with each module's path; ``None`` disables dropout (evaluation).
+    ``fused``: see :func:`adapted_layer` (both forms compute the same function).
     Stacked kernels are not supported here (use :func:`sora_jax.apply_adapter`).
     """
     config = adapter.config
@@ -370,6 +374,6 @@ def adapted_dense(adapter: Adapter, dropout_rng: Array | None = None) -> Callabl
         if kernel.ndim != 2:
             raise ValueError(f"activation path needs a 2-D kernel at {key!r}, got {kernel.shape}")
         k = None if dropout_rng is None else jax.random.fold_in(dropout_rng, zlib.crc32(key.encode()))
-        return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k)
+        return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k, fused)
 
     return dense_fn

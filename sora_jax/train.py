@@ -78,6 +78,8 @@ class TrainConfig:
       path: ``"activation"`` (adapter on activations) or ``"weight"`` (``apply_adapter`` first).
       dropout: run the model's own dropout while training (``deterministic=False``).
       max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
+      fused: activation path only: form each layer's effective weight once per step
+        (:func:`sora_jax.adapted_dense`); ``False`` keeps every adapter term on activations.
     """
 
     lr: float = 5e-4
@@ -91,6 +93,7 @@ class TrainConfig:
     path: str = "activation"
     dropout: bool = True
     max_grad_norm: float | None = None
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -355,7 +358,8 @@ class Trainer:
         if self.config.path == "weight":
             return self.apply_fn(apply_adapter(params, adapter), **kwargs, **inputs)["logits"]
         lora_rng = None if rng is None else jax.random.fold_in(rng, 1)
-        return self.apply_fn(params, dense_fn=adapted_dense(adapter, lora_rng), **kwargs, **inputs)["logits"]
+        dense_fn = adapted_dense(adapter, lora_rng, fused=self.config.fused)
+        return self.apply_fn(params, dense_fn=dense_fn, **kwargs, **inputs)["logits"]
 
     def _logits(self, trainable: dict, frozen: dict, batch: Batch) -> Array:
         return self._forward(trainable, frozen, model_inputs(batch), None)
@@ -389,7 +393,9 @@ class Trainer:
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state, state.rng), lsum / denom
 
-    def _compiled_train(self, state: TrainState) -> Callable:
+    def jitted_train_step(self, state: TrainState) -> Callable:
+        """The jitted ``step(state, frozen, device_batch) -> (state, loss)`` (``state`` donated), for
+        ahead-of-time lowering (``.lower(...).compile()``) and benchmarks; :meth:`train_step` calls it."""
         if self._train_fn is None:
             kwargs: dict[str, Any] = {"donate_argnums": (0,)}
             if self.mesh is not None:
@@ -417,7 +423,7 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Array]:
         """One optimizer step; ``state`` is donated (do not use it afterwards). Returns the new
         state and the batch's weighted mean loss (a device scalar)."""
-        return self._compiled_train(state)(state, self.frozen, self.put_batch(batch))
+        return self.jitted_train_step(state)(state, self.frozen, self.put_batch(batch))
 
     def predict(self, state: TrainState, batch: Batch) -> np.ndarray:
         """Logits ``(B, num_labels)`` (NumPy) of one batch, no dropout."""

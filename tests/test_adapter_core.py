@@ -168,14 +168,14 @@ def test_apply_matches_numpy_reference(method, rotation):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize(("method", "rotation"), METHOD_ROTATIONS)
-def test_activation_path_equals_weight_path(method, rotation, fused, monkeypatch):
-    monkeypatch.setattr(sj.dense, "FUSED", fused)  # x W' + b' with W' formed, or every term on activations
+def test_activation_path_equals_weight_path(method, rotation, fused):
+    # fused: x W' + b' with W' formed; unfused: every adapter term on activations
     params = make_params()
     cfg = sj.AdapterConfig(method=method, r=3, lora_alpha=6, rotation_rank=2, rotation=rotation,
                            target_modules=["query", "nobias"])
     adapter = randomize(sj.init_adapter(jax.random.key(0), params, cfg))
     eff = sj.apply_adapter(params, adapter)
-    dense = adapted_dense(adapter)
+    dense = adapted_dense(adapter, fused=fused)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 12)), jnp.float32)
     for path in ("enc/layer_0/attn/query", "enc/layer_0/attn/nobias"):
         mod, new = module(params, path), module(eff, path)

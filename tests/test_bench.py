@@ -94,10 +94,9 @@ def _perturbed(adapter: sj.Adapter) -> sj.Adapter:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize(("method", "rotation"), [(m, "taylor") for m in sj.METHODS] + [("sora", "cayley")])
-def test_activation_and_weight_paths_agree(tiny_dir, method, rotation, fused, monkeypatch):
-    """Both forms of the activation path's layer (``sora_jax.dense.FUSED``: the effective weight formed for
-    the input gradient and, where possible, the forward; or every term on activations)."""
-    monkeypatch.setattr(sj.dense, "FUSED", fused)
+def test_activation_and_weight_paths_agree(tiny_dir, method, rotation, fused):
+    """Both forms of the activation path's layer (``adapted_dense(..., fused=...)``: the effective weight
+    formed for the input gradient and, where possible, the forward; or every term on activations)."""
     model = load_pretrained(str(tiny_dir), load_tokenizer=False)
     cfg = sj.AdapterConfig(method=method, r=4, lora_alpha=8, rotation_rank=2, rotation=rotation, target_modules=TARGETS)
     adapter = _perturbed(sj.init_adapter(jax.random.key(0), model.params, cfg))
@@ -108,7 +107,7 @@ def test_activation_and_weight_paths_agree(tiny_dir, method, rotation, fused, mo
 
     def loss(ad, params, path):
         if path == "activation":
-            logits = model.apply(params, dense_fn=sj.adapted_dense(ad), input_ids=ids, attention_mask=mask)["logits"]
+            logits = model.apply(params, dense_fn=sj.adapted_dense(ad, fused=fused), input_ids=ids, attention_mask=mask)["logits"]
         else:
             logits = model.apply(sj.apply_adapter(params, ad), input_ids=ids, attention_mask=mask)["logits"]
         lsum, wsum = loss_sums(logits, labels, weights)
