@@ -22,10 +22,10 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
 ``(d_in, d_out)`` weight gradient ``x^T G`` that the weight path pays. It
 
 - forms the effective weight ``W'`` (``O(d_in d_out (r + 2 r_p))``, once per step, never
-  differentiated; float32 without LoRA dropout, ``fused=True``) so that the input gradient is one
-  matmul ``G W'^T`` as in the frozen layer; LoRA, DoRA and the Pre-/Post-Ortho ablations also run
-  their forward as ``x W' + b'`` (Pre-Diag and SORA need ``y = x W`` itself for ``d``'s gradient),
-  and inference (no gradient) is ``x W' + b'`` for every method;
+  differentiated; float32 without LoRA dropout, ``fused=True``) so that the forward is one matmul
+  ``x W' + b'`` and the input gradient one matmul ``G W'^T``, as in the frozen layer; the gradients of
+  ``d`` and DoRA's ``m``, which need the frozen layer's own output, recover it from the kept output
+  (:func:`_frozen_colsum`, with an exact fallback where the recovery would lose precision);
 - takes every thin product of ``x`` in one pass (``x [A, Z C, Z D]``, ``Z`` the rotation's input
   weight) and the LoRA and rotation terms of the output in one thin matmul;
 - computes each thin weight gradient ``X^T G`` (``X: (N, k)``, ``G: (N, d)``, ``k`` = r or r_p) as
@@ -33,8 +33,8 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   a contraction over the ``N`` rows 5-10x slower than the ``(k, d)``-output form, and its algebraic
   simplifier would otherwise fold the transpose back into the dot;
 - stores only what the backward needs: the adapter's input ``x``, the ``(N, r)`` and ``(N, 2 r_p)``
-  products, and one ``(N, d_out)`` tensor per layer only for the methods whose gradient needs it
-  (``y`` for ``d``; DoRA's ``v = x (W + s A B)`` for ``m``).
+  products, and the output for the methods whose gradient needs it (``d``; DoRA's ``m``); unfused,
+  ``y = x W`` (DoRA: ``v = x (W + s A B)``) instead.
 
 Exact rotations (``cayley``, ``exp``) take the plain autodiff form.
 
@@ -100,23 +100,21 @@ def _conditioned(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -
     return condition(method, W, b, lv["A"] @ lv["Bs"], d=lv.get("d"), dora_scale=lambda _: lv["k"], rot=rot)
 
 
-# methods whose forward needs no ``x W`` of its own: one matmul ``x W'`` (``W'`` formed per step)
-MERGED_FORWARD = ("lora", "dora", "pre_ortho", "post_ortho")
+# the methods whose gradient needs the frozen layer's own output (``d``'s, DoRA's ``k``'s): the fused form
+# keeps the layer output and recovers that gradient from it (:func:`_frozen_colsum`)
+OUTPUT_KEPT = ("dora", "prediag", "sora")
+KAPPA = 64.0  # the largest rounding-error amplification the recovery may have (6 of float32's 24 bits)
 
 
 def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[str, Array], res: dict):
-    """The forward with ``W'`` formed (``fused``): one thin pass over ``x`` for ``h = x A`` and, with a
-    rotation, ``ac = z [C, D] = x (Z [C, D]) + b_z [C, D]``; then
-
-    - ``lora``, ``pre_ortho``, ``post_ortho``: ``x W' + b'`` (one matmul);
-    - ``dora``: ``k v + b`` with ``v = x (W + s A B)`` kept for ``k``'s gradient;
-    - ``prediag``, ``sora``: ``d (x W + b) + [h, ac] M`` with ``M = [Bs; s_p D^T; -s_p C^T]`` (one thin
-      matmul), ``y = x W`` kept for ``d``'s gradient."""
-    A, Bs = lv["A"], lv["Bs"]
+    """The forward with ``W'`` formed (``fused``): ``out = x W' + b'`` (one matmul) for every method, and
+    one thin pass over ``x`` for ``h = x A`` and, with a rotation, ``ac = z [C, D] = x (Z [C, D]) + b_z [C, D]``.
+    :data:`OUTPUT_KEPT` methods keep ``out``: where the next operation keeps it too (attention's q, k, v;
+    the activation's input), it costs no memory."""
+    A = lv["A"]
     r = A.shape[1]
     if method in ROTATING:
-        C, D, sp = lv["C"], lv["D"], lv["sp"]
-        U = jnp.concatenate([C, D], axis=1)  # (d_out, 2 r_p)
+        U = jnp.concatenate([lv["C"], lv["D"]], axis=1)  # (d_out, 2 r_p)
         Z, bz = _rotation_input(method, W, b, lv)
         hz = x @ jnp.concatenate([A, Z @ U], axis=1)
         h, ac = hz[:, :r], hz[:, r:]
@@ -124,19 +122,75 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
     else:
         h = x @ A
     res["h"] = h  # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
+    Weff, beff = _conditioned(method, W, b, lv)
+    out = x @ Weff if beff is None else x @ Weff + beff
+    if method in OUTPUT_KEPT:
+        res["out"] = out
+        res["safe"] = recovery_is_safe(method, {"W": W, **lv}, Weff)
+    return out, res
+
+
+def _colnorm_sq_lowrank(P: Array, M: Array) -> Array:
+    """``colnorm(P M)^2`` for ``P: (d_in, k)``, ``M: (k, d_out)`` without forming ``P M``."""
+    return jnp.sum(M * ((P.T @ P) @ M), axis=0)
+
+
+def _frozen_colsum(method: str, G: Array, res: dict, hG: Array, acG: Array | None) -> Array:
+    """``colsum(G * p)`` with ``p = x W + b`` (Pre-Diag, SORA: ``d``'s gradient) or ``p = v = x (W + s A B)``
+    (DoRA: ``k``'s gradient), ``G: (N, d_out)`` -> ``(d_out,)``.
+
+    Unfused, ``y = x W`` was kept. Fused, only the output was, and ``p`` is one step from it:
+
+    - Pre-Diag: ``out = d * p + h Bs``, so ``d * colsum(G p) = colsum(G out) - colsum(Bs * h^T G)``;
+    - SORA: ``out = z + s_p (a D^T - c C^T)`` with ``[a, c] = z [C, D]`` kept and ``z = d * p + h Bs``, so
+      ``d * colsum(G p) = colsum(G out) - s_p colsum(a^T G * D^T - c^T G * C^T) - colsum(Bs * h^T G)``;
+    - DoRA: ``out = k * v + b``, so ``k * colsum(G v) = colsum(G out) - colsum(G) b``;
+
+    one reduction pass over ``G`` and ``out`` (``h^T G``, ``[a, c]^T G`` are the backward's anyway), then a
+    division by ``d`` (``k``). The division amplifies the rounding error of ``out`` by
+    ``kappa_j = (||W'_j|| + ||E_j||) / (|d_j| ||W_j||)``, ``E`` what was subtracted (``s A B``, and SORA's
+    ``Z K``); if some ``kappa_j`` exceeds :data:`KAPPA` (a diagonal entry near 0, an update that dwarfs its
+    frozen column, DoRA's ``m_j = 0``), ``x W`` is computed again instead (:func:`jax.lax.cond`: that full
+    matmul is paid only then)."""
+    x, W, b, A, Bs = (res[k] for k in ("x", "W", "b", "A", "Bs"))
+    if "y" in res:  # unfused
+        if method == "dora":
+            return jnp.sum(G * res["y"], axis=0) + jnp.sum(Bs * hG, axis=0)
+        return jnp.sum(G * (res["y"] if b is None else res["y"] + b), axis=0)
+
+    def exact() -> Array:
+        p = x @ (W + A @ Bs) if method == "dora" else x @ W if b is None else x @ W + b
+        return jnp.sum(G * p, axis=0)
+
+    q = jnp.sum(G * res["out"], axis=0)
+    scale = res["k"] if method == "dora" else res["d"]
     if method == "dora":
-        v = res["y"] = x @ (W + A @ Bs)
-        out = lv["k"] * v
-        return (out if b is None else out + b), res
-    if method in MERGED_FORWARD:
-        Weff, beff = _conditioned(method, W, b, lv)
-        return (x @ Weff if beff is None else x @ Weff + beff), res
-    y = res["y"] = x @ W
-    p = y if b is None else y + b
-    if method == "prediag":
-        return lv["d"] * p + h @ Bs, res
-    M = jnp.concatenate([Bs, sp * D.T, -sp * C.T], axis=0)  # (r + 2 r_p, d_out)
-    return lv["d"] * p + jnp.concatenate([h, res["ac"]], axis=1) @ M, res
+        known = 0.0 if b is None else jnp.sum(G, axis=0) * b
+    else:
+        known = jnp.sum(Bs * hG, axis=0)
+        if method == "sora":
+            C, D, sp = res["C"], res["D"], res["sp"]
+            r_p = C.shape[1]
+            known = known + sp * jnp.sum(acG[:r_p] * D.T - acG[r_p:] * C.T, axis=0)
+    return jax.lax.cond(res["safe"], lambda: (q - known) / scale, exact)
+
+
+def recovery_is_safe(method: str, lv: dict[str, Array], Weff: Array) -> Array:
+    """Whether :func:`_frozen_colsum` may divide: every ``kappa_j <= KAPPA`` (a scalar bool).
+
+    ``lv``: the layer's ``W (d_in, d_out)``, ``A``, ``Bs`` and ``d`` (with ``C, D, sp`` for SORA) or
+    DoRA's ``k``; ``Weff``: the effective weight ``W'``."""
+    if method == "dora":  # kappa_j = ||W'_j|| / (|k_j| ||v_j||) = 1 wherever k_j != 0
+        return jnp.all(lv["k"] != 0)
+    W, A, Bs, d = lv["W"], lv["A"], lv["Bs"], lv["d"]
+    e = jnp.sqrt(_colnorm_sq_lowrank(A, Bs))
+    if method == "sora":
+        C, D, sp = lv["C"], lv["D"], lv["sp"]
+        U = jnp.concatenate([C, D], axis=1)
+        ZU = W @ (d[:, None] * U) + A @ (Bs @ U)  # Z U, Z = W diag(d) + A Bs
+        e = e + jnp.sqrt(_colnorm_sq_lowrank(ZU, sp * jnp.concatenate([D.T, -C.T], axis=0)))
+    bound = jnp.abs(d) * jnp.sqrt(jnp.sum(W * W, axis=0))
+    return jnp.all(KAPPA * bound > jnp.sqrt(jnp.sum(Weff * Weff, axis=0)) + e)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -149,7 +203,7 @@ def _layer(
     ``Bs = s B (r, d_out)`` and, per method, ``d (d_out,)``, ``k = m / n (d_out,)`` (DoRA),
     ``C, D (d_out, r_p)`` and ``sp`` (scalar ``s_p``). ``fused`` (needs ``xd is None``): form the
     effective weight ``W'`` once per step, take the input gradient as ``G W'^T`` (one matmul, as the
-    frozen layer) and, for :data:`MERGED_FORWARD` methods, the output as ``x W' + b'``. Undifferentiated
+    frozen layer) and the output as ``x W' + b'``. Undifferentiated
     (inference), a fused layer is always ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
     if fused:
         Weff, beff = _conditioned(method, W, b, lv)
@@ -200,6 +254,7 @@ def _layer_fwd(
 def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array):
     x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
     grads: dict[str, Array] = {}
+    Weff = _conditioned(method, W, None, res)[0] if fused else None
     if method in ROTATING:
         C, D, sp, ac = res["C"], res["D"], res["sp"], res["ac"]
         r_p = C.shape[1]
@@ -242,8 +297,7 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
             else:
                 d = res["d"]
                 dx = G @ (W * d).T + GU @ ((Q * d) @ W.T)
-                p = res["y"] if b is None else res["y"] + b
-                grads["d"] = jnp.sum(G * p, axis=0) + jnp.sum(Q * GUp, axis=0)
+                grads["d"] = _frozen_colsum(method, G, res, hG, acG) + jnp.sum(Q * GUp, axis=0)
                 dp = d * (G + GU @ Q)
     else:
         hG = _tdot(h, G)
@@ -252,10 +306,7 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
             dx = G @ (W * k).T
             dh = G @ (Bs * k).T
             grads["Bs"] = hG * k
-            # y holds x W (+ u separately), or v = x W + u when the forward was merged
-            grads["k"] = jnp.sum(G * res["y"], axis=0)
-            if not (fused and method in MERGED_FORWARD):
-                grads["k"] = grads["k"] + jnp.sum(Bs * hG, axis=0)
+            grads["k"] = _frozen_colsum(method, G, res, hG, None)
             dp = k * G  # cotangent of y; the bias gets G
         else:
             dh = G @ Bs.T
@@ -263,15 +314,14 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
             if method == "prediag":
                 d = res["d"]
                 dx = G @ (W * d).T
-                p = res["y"] if b is None else res["y"] + b
-                grads["d"] = jnp.sum(G * p, axis=0)
+                grads["d"] = _frozen_colsum(method, G, res, hG, None)
                 dp = d * G
             else:
                 dx = G @ W.T
                 dp = G
         grads["A"] = _tdot(dh, x if xd is None else xd).T  # (d_in, r)
     if fused:  # the input gradient through the effective weight: one matmul, as in the frozen layer
-        dx, dxd = G @ _conditioned(method, W, None, res)[0].T, None
+        dx, dxd = G @ Weff.T, None
     else:
         dxd = dh @ A.T
         if xd is None:
@@ -315,6 +365,21 @@ def _adapted_layer_autodiff(
     return z
 
 
+def layer_leaves(kernel: Array, leaves: dict[str, Array], config, scaling: float, dtype) -> dict[str, Array]:
+    """The leaves in the form the layer uses: ``A``, ``Bs = s B`` and, per method, ``k = m / n`` (DoRA, ``n``
+    from the factors, a constant), ``d``, ``C, D`` and ``sp = s_p(C, D)``; in ``dtype``."""
+    lv = {k: v.astype(dtype) for k, v in leaves.items()}
+    tail = {"A": lv["A"], "Bs": scaling * lv["B"]}
+    if config.method == "dora":
+        n = jax.lax.stop_gradient(dora_norm(kernel, leaves["A"], leaves["B"], scaling))
+        tail["k"] = (leaves["m"].astype(jnp.float32) / n).astype(dtype)
+    if config.has_diag:
+        tail["d"] = lv["d"]
+    if config.has_rotation:
+        tail.update(C=lv["C"], D=lv["D"], sp=s_p(lv["C"], lv["D"], config.initial_s_p))
+    return tail
+
+
 def adapted_layer(
     x: Array,
     kernel: Array,
@@ -333,21 +398,14 @@ def adapted_layer(
     x = x.reshape(-1, x.shape[-1])
     dt = x.dtype
     W = kernel.astype(dt)
-    lv = {k: v.astype(dt) for k, v in leaves.items()}
     b = None if bias is None else bias.astype(dt)
     method = config.method
     if config.has_rotation and config.rotation != "taylor":
         xd = _dropout(x, config.lora_dropout, dropout_key)
+        lv = {k: v.astype(dt) for k, v in leaves.items()}
         out = _adapted_layer_autodiff(jnp.dot(x, W), b, lv, config, scaling, xd)
     else:
-        tail = {"A": lv["A"], "Bs": scaling * lv["B"]}
-        if method == "dora":
-            n = jax.lax.stop_gradient(dora_norm(kernel, leaves["A"], leaves["B"], scaling))
-            tail["k"] = (leaves["m"].astype(jnp.float32) / n).astype(dt)
-        if config.has_diag:
-            tail["d"] = lv["d"]
-        if config.has_rotation:
-            tail.update(C=lv["C"], D=lv["D"], sp=s_p(lv["C"], lv["D"], config.initial_s_p))
+        tail = layer_leaves(kernel, leaves, config, scaling, dt)
         dropped = dropout_key is not None and config.lora_dropout > 0.0
         xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
         # forming W' is exact only in float32 (in bfloat16 a small update would round away)
