@@ -44,6 +44,7 @@ Pass the result of :func:`adapted_dense` as a sora-jax model's ``dense_fn``.
 from __future__ import annotations
 
 import functools
+import itertools
 import zlib
 from collections.abc import Callable
 
@@ -104,35 +105,46 @@ def _conditioned(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -
 # keeps the layer output and recovers that gradient from it (:func:`_frozen_colsum`)
 OUTPUT_KEPT = ("dora", "prediag", "sora")
 KAPPA = 64.0  # the largest rounding-error amplification the recovery may have (6 of float32's 24 bits)
+EXACT_COLUMNS = 8  # output features per layer whose frozen output is computed exactly (the worst-conditioned)
 
 
 def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[str, Array], res: dict):
     """The forward with ``W'`` formed (``fused``): ``out = x W' + b'`` (one matmul) for every method, and
-    one thin pass over ``x`` for ``h = x A`` and, with a rotation, ``ac = z [C, D] = x (Z [C, D]) + b_z [C, D]``.
-    :data:`OUTPUT_KEPT` methods keep ``out``: where the next operation keeps it too (attention's q, k, v;
-    the activation's input), it costs no memory."""
+    one thin pass over ``x`` for ``h = x A``, with a rotation ``ac = z [C, D] = x (Z [C, D]) + b_z [C, D]``,
+    and for :data:`OUTPUT_KEPT` methods the frozen output of the :data:`EXACT_COLUMNS` output features
+    whose recovery from ``out`` is worst conditioned (:func:`recovery_kappa`); those methods keep ``out``."""
     A = lv["A"]
-    r = A.shape[1]
+    thin = [A]
     if method in ROTATING:
         U = jnp.concatenate([lv["C"], lv["D"]], axis=1)  # (d_out, 2 r_p)
         Z, bz = _rotation_input(method, W, b, lv)
-        hz = x @ jnp.concatenate([A, Z @ U], axis=1)
-        h, ac = hz[:, :r], hz[:, r:]
-        res["ac"] = ac if bz is None else ac + bz @ U
-    else:
-        h = x @ A
-    res["h"] = h  # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
+        thin.append(Z @ U)
     Weff, beff = _conditioned(method, W, b, lv)
+    if method in OUTPUT_KEPT:
+        kappa = recovery_kappa(method, {"W": W, **lv}, Weff)
+        idx = jax.lax.top_k(kappa, min(EXACT_COLUMNS, kappa.shape[0]))[1]
+        Vk = W[:, idx] + A @ lv["Bs"][:, idx] if method == "dora" else W[:, idx]  # (d_in, K)
+        thin.append(Vk)
+        res["idx"] = idx
+        res["covered"] = (kappa <= KAPPA).at[idx].set(True)
+    hz = x @ jnp.concatenate(thin, axis=1)
+    widths = [t.shape[1] for t in thin]
+    parts = jnp.split(hz, list(itertools.accumulate(widths))[:-1], axis=1)
+    res["h"] = parts[0]
+    if method in ROTATING:
+        res["ac"] = parts[1] if bz is None else parts[1] + bz @ U
+    if method in OUTPUT_KEPT:
+        pk = parts[-1]
+        res["p_idx"] = pk if b is None or method == "dora" else pk + b[res["idx"]]
     out = x @ Weff if beff is None else x @ Weff + beff
     if method in OUTPUT_KEPT:
         res["out"] = out
-        res["safe"] = recovery_is_safe(method, {"W": W, **lv}, Weff)
-    return out, res
+    return out, res  # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
 
 
-def _colnorm_sq_lowrank(P: Array, M: Array) -> Array:
-    """``colnorm(P M)^2`` for ``P: (d_in, k)``, ``M: (k, d_out)`` without forming ``P M``."""
-    return jnp.sum(M * ((P.T @ P) @ M), axis=0)
+def _colnorm_lowrank(P: Array, M: Array) -> Array:
+    """``colnorm(P M)`` for ``P: (d_in, k)``, ``M: (k, d_out)`` without forming ``P M``."""
+    return jnp.sqrt(jnp.maximum(jnp.sum(M * ((P.T @ P) @ M), axis=0), 0.0))
 
 
 def _frozen_colsum(method: str, G: Array, res: dict, hG: Array, acG: Array | None) -> Array:
@@ -147,21 +159,16 @@ def _frozen_colsum(method: str, G: Array, res: dict, hG: Array, acG: Array | Non
     - DoRA: ``out = k * v + b``, so ``k * colsum(G v) = colsum(G out) - colsum(G) b``;
 
     one reduction pass over ``G`` and ``out`` (``h^T G``, ``[a, c]^T G`` are the backward's anyway), then a
-    division by ``d`` (``k``). The division amplifies the rounding error of ``out`` by
-    ``kappa_j = (||W'_j|| + ||E_j||) / (|d_j| ||W_j||)``, ``E`` what was subtracted (``s A B``, and SORA's
-    ``Z K``); if some ``kappa_j`` exceeds :data:`KAPPA` (a diagonal entry near 0, an update that dwarfs its
-    frozen column, DoRA's ``m_j = 0``), ``x W`` is computed again instead (:func:`jax.lax.cond`: that full
-    matmul is paid only then)."""
+    division by ``d`` (``k``), which amplifies the rounding error of ``out`` by :func:`recovery_kappa`.
+    The :data:`EXACT_COLUMNS` worst-conditioned features take ``p`` from the forward instead (``x W`` of
+    those columns, in the forward's thin pass). If more features than that are ill-conditioned
+    (``kappa_j >`` :data:`KAPPA`: a diagonal entry near 0, an update that dwarfs its frozen column, DoRA's
+    ``m_j = 0``), their gradient is NaN rather than imprecise: train such a layer with ``fused=False``."""
     x, W, b, A, Bs = (res[k] for k in ("x", "W", "b", "A", "Bs"))
     if "y" in res:  # unfused
         if method == "dora":
             return jnp.sum(G * res["y"], axis=0) + jnp.sum(Bs * hG, axis=0)
         return jnp.sum(G * (res["y"] if b is None else res["y"] + b), axis=0)
-
-    def exact() -> Array:
-        p = x @ (W + A @ Bs) if method == "dora" else x @ W if b is None else x @ W + b
-        return jnp.sum(G * p, axis=0)
-
     q = jnp.sum(G * res["out"], axis=0)
     scale = res["k"] if method == "dora" else res["d"]
     if method == "dora":
@@ -172,25 +179,31 @@ def _frozen_colsum(method: str, G: Array, res: dict, hG: Array, acG: Array | Non
             C, D, sp = res["C"], res["D"], res["sp"]
             r_p = C.shape[1]
             known = known + sp * jnp.sum(acG[:r_p] * D.T - acG[r_p:] * C.T, axis=0)
-    return jax.lax.cond(res["safe"], lambda: (q - known) / scale, exact)
+    idx = res["idx"]
+    exact = jnp.sum(jnp.take(G, idx, axis=1) * res["p_idx"], axis=0)
+    pG = ((q - known) / scale).at[idx].set(exact)
+    return jnp.where(res["covered"], pG, jnp.nan)
 
 
-def recovery_is_safe(method: str, lv: dict[str, Array], Weff: Array) -> Array:
-    """Whether :func:`_frozen_colsum` may divide: every ``kappa_j <= KAPPA`` (a scalar bool).
+def recovery_kappa(method: str, lv: dict[str, Array], Weff: Array) -> Array:
+    """How much recovering the frozen output from the layer output amplifies rounding error, per output
+    feature (``(d_out,)``; ``inf`` where it is impossible): ``kappa_j = (||W'_j|| + ||E_j||) / (|d_j| ||W_j||)``,
+    ``E`` what :func:`_frozen_colsum` subtracts (``s A B``, and SORA's ``Z K``); DoRA: 1 where ``k_j != 0``.
 
-    ``lv``: the layer's ``W (d_in, d_out)``, ``A``, ``Bs`` and ``d`` (with ``C, D, sp`` for SORA) or
-    DoRA's ``k``; ``Weff``: the effective weight ``W'``."""
-    if method == "dora":  # kappa_j = ||W'_j|| / (|k_j| ||v_j||) = 1 wherever k_j != 0
-        return jnp.all(lv["k"] != 0)
+    ``lv``: the layer's ``W (d_in, d_out)``, ``A``, ``Bs`` and ``d`` (with ``C, D, sp`` for SORA) or DoRA's
+    ``k``; ``Weff``: the effective weight ``W'``."""
+    if method == "dora":
+        return jnp.where(lv["k"] != 0, 1.0, jnp.inf).astype(Weff.dtype)
     W, A, Bs, d = lv["W"], lv["A"], lv["Bs"], lv["d"]
-    e = jnp.sqrt(_colnorm_sq_lowrank(A, Bs))
+    e = _colnorm_lowrank(A, Bs)
     if method == "sora":
         C, D, sp = lv["C"], lv["D"], lv["sp"]
         U = jnp.concatenate([C, D], axis=1)
         ZU = W @ (d[:, None] * U) + A @ (Bs @ U)  # Z U, Z = W diag(d) + A Bs
-        e = e + jnp.sqrt(_colnorm_sq_lowrank(ZU, sp * jnp.concatenate([D.T, -C.T], axis=0)))
-    bound = jnp.abs(d) * jnp.sqrt(jnp.sum(W * W, axis=0))
-    return jnp.all(KAPPA * bound > jnp.sqrt(jnp.sum(Weff * Weff, axis=0)) + e)
+        e = e + _colnorm_lowrank(ZU, sp * jnp.concatenate([D.T, -C.T], axis=0))
+    num = jnp.sqrt(jnp.sum(Weff * Weff, axis=0)) + e
+    den = jnp.abs(d) * jnp.sqrt(jnp.sum(W * W, axis=0))
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.inf)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -48,7 +48,7 @@ import optax
 
 from sora_jax.adapter import Adapter, apply_adapter, init_adapter, path_str, saved_leaves
 from sora_jax.config import AdapterConfig
-from sora_jax.dense import adapted_dense
+from sora_jax.dense import EXACT_COLUMNS, adapted_dense
 
 Array = jax.Array
 PyTree = Any
@@ -551,7 +551,10 @@ def fit(
                     )
                 raise NonFiniteLossError(
                     f"training loss is {loss} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}/{len(batches)})"
-                    f"{where}. Lower the learning rate (or set max_grad_norm) and resume or restart"
+                    f"{where}. Lower the learning rate (or set max_grad_norm) and resume or restart. With DoRA, "
+                    "Pre-Diag or SORA on the fused activation path, a NaN also comes from a layer with more than "
+                    f"{EXACT_COLUMNS} output features whose diagonal or magnitude is near 0: set "
+                    "TrainConfig(fused=False)"
                 )
             step += 1
             loss_sum += loss
