@@ -136,10 +136,11 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
     if method in OUTPUT_KEPT:
         pk = parts[-1]
         res["p_idx"] = pk if b is None or method == "dora" else pk + b[res["idx"]]
-    out = x @ Weff if beff is None else x @ Weff + beff
-    if method in OUTPUT_KEPT:
-        res["out"] = out
-    return out, res  # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
+    # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
+    dot = x @ Weff
+    if method in OUTPUT_KEPT:  # the output before its bias: XLA keeps that one for the next op too
+        res["dot"] = dot
+    return (dot if beff is None else dot + beff), res
 
 
 def _colnorm_lowrank(P: Array, M: Array) -> Array:
@@ -147,9 +148,11 @@ def _colnorm_lowrank(P: Array, M: Array) -> Array:
     return jnp.sqrt(jnp.maximum(jnp.sum(M * ((P.T @ P) @ M), axis=0), 0.0))
 
 
-def _frozen_colsum(method: str, G: Array, res: dict, hG: Array, acG: Array | None) -> Array:
+def _frozen_colsum(
+    method: str, G: Array, res: dict, hG: Array, acG: Array | None, beff: Array | None = None
+) -> Array:
     """``colsum(G * p)`` with ``p = x W + b`` (Pre-Diag, SORA: ``d``'s gradient) or ``p = v = x (W + s A B)``
-    (DoRA: ``k``'s gradient), ``G: (N, d_out)`` -> ``(d_out,)``.
+    (DoRA: ``k``'s gradient), ``G: (N, d_out)`` -> ``(d_out,)``; ``beff``: the effective bias ``b'``.
 
     Unfused, ``y = x W`` was kept. Fused, only the output was, and ``p`` is one step from it:
 
@@ -169,7 +172,9 @@ def _frozen_colsum(method: str, G: Array, res: dict, hG: Array, acG: Array | Non
         if method == "dora":
             return jnp.sum(G * res["y"], axis=0) + jnp.sum(Bs * hG, axis=0)
         return jnp.sum(G * (res["y"] if b is None else res["y"] + b), axis=0)
-    q = jnp.sum(G * res["out"], axis=0)
+    q = jnp.sum(G * res["dot"], axis=0)  # colsum(G out), out = dot + b'
+    if beff is not None:
+        q = q + jnp.sum(G, axis=0) * beff
     scale = res["k"] if method == "dora" else res["d"]
     if method == "dora":
         known = 0.0 if b is None else jnp.sum(G, axis=0) * b
@@ -267,7 +272,7 @@ def _layer_fwd(
 def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array):
     x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
     grads: dict[str, Array] = {}
-    Weff = _conditioned(method, W, None, res)[0] if fused else None
+    Weff, beff = _conditioned(method, W, b, res) if fused else (None, None)
     if method in ROTATING:
         C, D, sp, ac = res["C"], res["D"], res["sp"], res["ac"]
         r_p = C.shape[1]
@@ -310,7 +315,7 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
             else:
                 d = res["d"]
                 dx = G @ (W * d).T + GU @ ((Q * d) @ W.T)
-                grads["d"] = _frozen_colsum(method, G, res, hG, acG) + jnp.sum(Q * GUp, axis=0)
+                grads["d"] = _frozen_colsum(method, G, res, hG, acG, beff) + jnp.sum(Q * GUp, axis=0)
                 dp = d * (G + GU @ Q)
     else:
         hG = _tdot(h, G)
@@ -319,7 +324,7 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
             dx = G @ (W * k).T
             dh = G @ (Bs * k).T
             grads["Bs"] = hG * k
-            grads["k"] = _frozen_colsum(method, G, res, hG, None)
+            grads["k"] = _frozen_colsum(method, G, res, hG, None, beff)
             dp = k * G  # cotangent of y; the bias gets G
         else:
             dh = G @ Bs.T
@@ -327,7 +332,7 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
             if method == "prediag":
                 d = res["d"]
                 dx = G @ (W * d).T
-                grads["d"] = _frozen_colsum(method, G, res, hG, None)
+                grads["d"] = _frozen_colsum(method, G, res, hG, None, beff)
                 dp = d * G
             else:
                 dx = G @ W.T

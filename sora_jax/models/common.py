@@ -21,7 +21,6 @@ norm's ``weight``) and ``embedding`` (an ``nn.Embedding.weight``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -29,36 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sora_jax.models.activations import ACTIVATIONS, activation  # noqa: F401 (re-exported)
+
 Array = jax.Array
-
-
-# Hugging Face ``ACT2FN`` names -> JAX functions (``"gelu"`` is the exact, erf-based GELU).
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-def activation(name: str) -> Callable[[Array], Array]:
-    """The JAX function for a Hugging Face activation name (``config.hidden_act``)."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}. "
-            "Set the config's activation to one of these."
-        ) from None
 
 
 class DenseFn(Protocol):
