@@ -626,8 +626,11 @@ def device_info() -> dict[str, Any]:
     gpu = None
     if dev.platform == "gpu":
         gpu = {"name": getattr(dev, "device_kind", str(dev)), "count": len(jax.devices())}
+    # the allocator setting changes CPU step times a lot (XLA allocates each step's temporaries afresh;
+    # experiments/PERF.md), so it is part of the record
     return {"jax_backend": jax.default_backend(), "jax_device": str(dev), "cpu": cpu,
-            "cpu_count": len(os.sched_getaffinity(0)), "gpu": gpu}
+            "cpu_count": len(os.sched_getaffinity(0)), "gpu": gpu,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "malloc_conf": os.environ.get("MALLOC_CONF")}
 
 
 def load_setup(args: argparse.Namespace, workdir: Path) -> Setup:

@@ -74,6 +74,20 @@ def test_bench_quick_smoke(tiny_dir, tmp_path):
     assert any(c["check"] == "LoRA / frozen-backprop" for c in report["acceptance"])
 
 
+def test_bench_layer_smoke(tmp_path):
+    """The one-layer microscope runs every requested variant and records times, faults and memory."""
+    out = tmp_path / "layer.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "bench_layer.py"), "--shape", "64,16,24", "--r", "4",
+           "--methods", "lora,sora", "--paths", "fused,unfused", "--rounds", "2", "--steps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"frozen", "lora/fused", "lora/unfused", "sora/fused", "sora/unfused"}
+    for r in res.values():
+        assert len(r["times"]) == 2 and r["median_ms"] > 0 and r["faults_per_step"] >= 0 and r["temp_mib"] >= 0
+    assert "sora/fused" in proc.stdout
+
+
 def test_bench_rejects_unknown_method(capsys):
     sys.path.insert(0, str(BENCH.parent))
     try:
