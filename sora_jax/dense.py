@@ -25,7 +25,7 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   differentiated; float32 without LoRA dropout, ``fused=True``) so that the forward is one matmul
   ``x W' + b'`` and the input gradient one matmul ``G W'^T``, as in the frozen layer; the gradients of
   ``d`` and DoRA's ``m``, which need the frozen layer's own output, recover it from the kept output
-  (:func:`_frozen_colsum`, with an exact fallback where the recovery would lose precision);
+  (:func:`_frozen_colsum`; the few worst-conditioned output features are computed exactly instead);
 - takes every thin product of ``x`` in one pass (``x [A, Z C, Z D]``, ``Z`` the rotation's input
   weight) and the LoRA and rotation terms of the output in one thin matmul;
 - computes each thin weight gradient ``X^T G`` (``X: (N, k)``, ``G: (N, d)``, ``k`` = r or r_p) as
@@ -112,7 +112,8 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
     """The forward with ``W'`` formed (``fused``): ``out = x W' + b'`` (one matmul) for every method, and
     one thin pass over ``x`` for ``h = x A``, with a rotation ``ac = z [C, D] = x (Z [C, D]) + b_z [C, D]``,
     and for :data:`OUTPUT_KEPT` methods the frozen output of the :data:`EXACT_COLUMNS` output features
-    whose recovery from ``out`` is worst conditioned (:func:`recovery_kappa`); those methods keep ``out``."""
+    whose recovery from ``out`` is worst conditioned (:func:`recovery_kappa`); those methods keep ``x W'``
+    (the output before its bias, which XLA keeps for the next operation anyway where that is elementwise)."""
     A = lv["A"]
     thin = [A]
     if method in ROTATING:
@@ -138,7 +139,7 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
         res["p_idx"] = pk if b is None or method == "dora" else pk + b[res["idx"]]
     # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
     dot = x @ Weff
-    if method in OUTPUT_KEPT:  # the output before its bias: XLA keeps that one for the next op too
+    if method in OUTPUT_KEPT:
         res["dot"] = dot
     return (dot if beff is None else dot + beff), res
 
@@ -167,7 +168,7 @@ def _frozen_colsum(
     those columns, in the forward's thin pass). If more features than that are ill-conditioned
     (``kappa_j >`` :data:`KAPPA`: a diagonal entry near 0, an update that dwarfs its frozen column, DoRA's
     ``m_j = 0``), their gradient is NaN rather than imprecise: train such a layer with ``fused=False``."""
-    x, W, b, A, Bs = (res[k] for k in ("x", "W", "b", "A", "Bs"))
+    b, Bs = res["b"], res["Bs"]
     if "y" in res:  # unfused
         if method == "dora":
             return jnp.sum(G * res["y"], axis=0) + jnp.sum(Bs * hG, axis=0)
