@@ -62,7 +62,8 @@ from sora_jax.adapter import find_modules  # noqa: E402
 from sora_jax.train import TrainConfig, Trainer, loss_sums  # noqa: E402
 
 METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
-# "unfused": the activation path with every adapter term on activations (adapted_dense(..., fused=False))
+# "activation": adapted_dense's default (W' formed where that pays, fuse_pays); "unfused": every adapter term
+# on activations (adapted_dense(..., fused=False))
 PATHS = ("activation", "unfused", "weight")
 # The paper's GLUE targets (SPEC section 5) per model family; PEFT-style suffixes.
 TARGETS = {
@@ -309,7 +310,7 @@ def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float 
     trainer = Trainer(model.apply, model.params, num_labels=int(model.config.num_labels), total_steps=10**6,
                       adapter_config=cfg, modules_to_save=setup.heads,
                       config=TrainConfig(lr=1e-5, path="activation" if path == "unfused" else path, dropout=False,
-                                         fused=path != "unfused"))
+                                         fused=False if path == "unfused" else None))
     holder = {"state": trainer.init_state(0)}
     batch = trainer.put_batch(setup.batch)
     jitted = trainer.jitted_train_step(holder["state"])

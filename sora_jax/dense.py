@@ -407,12 +407,12 @@ def adapted_layer(
     config,
     scaling: float,
     dropout_key: Array | None = None,
-    fused: bool = True,
+    fused: bool | None = None,
 ) -> Array:
     """One adapted dense layer on activations. ``x: (..., d_in)``, ``kernel: (d_in, d_out)`` -> ``(..., d_out)``.
 
-    ``fused``: form ``W'`` once per step where that is exact (see the module docstring); ``False``
-    keeps every adapter term on activations."""
+    ``fused``: form ``W'`` once per step (see the module docstring); ``False`` keeps every adapter term on
+    activations; ``None`` chooses by shape (:func:`fuse_pays`). Both compute the same function."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     dt = x.dtype
@@ -427,18 +427,33 @@ def adapted_layer(
         tail = layer_leaves(kernel, leaves, config, scaling, dt)
         dropped = dropout_key is not None and config.lora_dropout > 0.0
         xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
+        if fused is None:
+            fused = fuse_pays(x.shape[0], *W.shape)
         # forming W' is exact only in float32 (in bfloat16 a small update would round away)
         fused = fused and xd is None and dt == jnp.float32
         out = _layer(method, fused, x, W, b, xd, tail)
     return out.reshape(*lead, out.shape[-1])
 
 
-def adapted_dense(adapter: Adapter, dropout_rng: Array | None = None, fused: bool = True) -> Callable[..., Array]:
+def fuse_pays(rows: int, d_in: int, d_out: int) -> bool:
+    """Whether forming ``W'`` beats the all-activation form for ``rows`` tokens (a static, per-layer choice).
+
+    Beyond the frozen layer, the fused form costs ``4 d_in d_out r`` (``W' = W + s A B`` formed in the
+    forward and again in the backward) plus ``4 N r (d_in + d_out)`` in thin products; the unfused form
+    ``6 N r (d_in + d_out)``. So fusing pays when ``N > 2 d_in d_out / (d_in + d_out)``: from 614 tokens for a
+    384 x 1536 layer, 3277 for 2048 x 8192 (experiments/PERF.md, change 11)."""
+    return rows * (d_in + d_out) > 2 * d_in * d_out
+
+
+def adapted_dense(
+    adapter: Adapter, dropout_rng: Array | None = None, fused: bool | None = None
+) -> Callable[..., Array]:
     """A model ``dense_fn(path, x, kernel, bias)`` that runs ``adapter`` on activations.
 
     Modules without adapter leaves compute ``x W + b``. ``dropout_rng``: a key for LoRA dropout
     (``config.lora_dropout``), folded with each module's path; ``None`` disables dropout (evaluation).
-    ``fused``: see :func:`adapted_layer` (both forms compute the same function).
+    ``fused``: see :func:`adapted_layer` (``None``, the default, chooses per layer by shape; both forms compute
+    the same function).
     Stacked kernels are not supported here (use :func:`sora_jax.apply_adapter`).
     """
     config = adapter.config

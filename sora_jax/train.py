@@ -79,7 +79,8 @@ class TrainConfig:
       dropout: run the model's own dropout while training (``deterministic=False``).
       max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
       fused: activation path only: form each layer's effective weight once per step
-        (:func:`sora_jax.adapted_dense`); ``False`` keeps every adapter term on activations.
+        (:func:`sora_jax.adapted_dense`); ``False`` keeps every adapter term on activations; ``None`` (the
+        default) chooses per layer by shape (:func:`sora_jax.dense.fuse_pays`).
     """
 
     lr: float = 5e-4
@@ -93,7 +94,7 @@ class TrainConfig:
     path: str = "activation"
     dropout: bool = True
     max_grad_norm: float | None = None
-    fused: bool = True
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:

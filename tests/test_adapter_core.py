@@ -16,7 +16,7 @@ import scipy.linalg
 
 import sora_jax as sj
 from sora_jax.config import AdapterError
-from sora_jax.dense import KAPPA, adapted_dense, dora_norm, layer_leaves, recovery_kappa
+from sora_jax.dense import KAPPA, adapted_dense, dora_norm, fuse_pays, layer_leaves, recovery_kappa
 
 METHODS = sj.METHODS
 # every method with the paper's rotation, and the exact rotations for the methods that rotate
@@ -406,3 +406,16 @@ def test_fused_gradients_recovered_from_the_output(method, regime, monkeypatch):
         Weff = sj.methods.effective(mod["kernel"], None, adapter.layers[path], cfg, cfg.scaling_for(path))[0]
         bad = int(jnp.sum(~(recovery_kappa(method, {"W": mod["kernel"], **tail}, Weff) <= KAPPA)))  # NaN is bad
         assert bad == {"init": 0, "calibrated": 0, "degenerate": 1 if method == "dora" else 2, "beyond": d_out}[regime]
+
+
+def test_fuse_pays_follows_the_flop_counts():
+    """``adapted_dense(fused=None)`` forms ``W'`` exactly when that costs fewer FLOPs than the all-activation
+    form: fused ``4 d_in d_out r + 4 N r (d_in + d_out)`` against unfused ``6 N r (d_in + d_out)`` (the
+    counts of the two backward passes, restated here independently of the rule's closed form)."""
+    r = 16
+    for rows in (1, 16, 256, 512, 614, 615, 2048, 4096, 65536):
+        for d_in, d_out in ((384, 384), (384, 1536), (1536, 384), (2048, 8192), (4096, 4096)):
+            fused_cost = 4 * d_in * d_out * r + 4 * rows * r * (d_in + d_out)
+            unfused_cost = 6 * rows * r * (d_in + d_out)
+            assert fuse_pays(rows, d_in, d_out) == (fused_cost < unfused_cost), (rows, d_in, d_out)
+    assert fuse_pays(4096, 384, 1536) and not fuse_pays(512, 2048, 8192)  # minilm / a 1B LLaMA at 4 x 128
