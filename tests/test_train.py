@@ -198,15 +198,16 @@ def test_gradient_accumulation_equals_whole_batch():
         Trainer(apply, params, config=TrainConfig(grad_accum=3), **kw).put_batch(batches[0])
 
 
-def test_activation_and_weight_paths_train_alike():
-    """SORA trained through adapted_dense (activations) and through apply_adapter (weights): the same
-    losses and parameters (to 1e-5: the two paths agree to float32 rounding, SPEC section 2)."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_activation_and_weight_paths_train_alike(fused):
+    """SORA trained through adapted_dense (activations; both forms of the layer, whatever the tiny shape
+    would choose) and through apply_adapter (weights): the same losses and parameters (to 1e-5: the two
+    paths agree to float32 rounding, SPEC section 2)."""
     apply, params = tiny_model()
     batches = make_batches(1) * 3  # one batch thrice: its loss must fall
     kw = dict(num_labels=2, total_steps=3, adapter_config=adapter_config("sora"))
-    s1, l1 = run_steps(
-        Trainer(apply, params, config=TrainConfig(lr=1e-2, dropout=False, path="activation"), **kw), batches
-    )
+    cfg = TrainConfig(lr=1e-2, dropout=False, path="activation", fused=fused)
+    s1, l1 = run_steps(Trainer(apply, params, config=cfg, **kw), batches)
     s2, l2 = run_steps(Trainer(apply, params, config=TrainConfig(lr=1e-2, dropout=False, path="weight"), **kw), batches)
     np.testing.assert_allclose(l1, l2, atol=1e-5)
     for a, b in zip(leaves_np(s1.trainable), leaves_np(s2.trainable), strict=True):
