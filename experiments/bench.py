@@ -729,7 +729,7 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 def print_table(results: dict[str, dict], ratios: dict[str, dict], flops: dict[str, float],
                 checks: list[dict[str, Any]], out: Callable[[str], None]) -> None:
     hdr = (f"{'variant':34s} {'median s':>9s} {'p10':>7s} {'p90':>7s} {'/fb':>6s} {'floor':>6s} {'/lora':>6s} "
-           f"{'floor':>6s} {'/torch':>6s} {'GF/s':>6s} {'%ceil':>6s} {'comp s':>7s} {'peak MB':>8s}")
+           f"{'floor':>6s} {'/torch':>6s} {'GF/s':>6s} {'%ceil':>6s} {'comp s':>7s} {'peak MiB':>8s}")
     for kind in ("train", "infer", "matmul"):
         out(f"\n== {kind} ==")
         out(hdr)
@@ -746,7 +746,7 @@ def print_table(results: dict[str, dict], ratios: dict[str, dict], flops: dict[s
                 f"{fmt(None if rt.get('fraction_of_ceiling') is None else 100 * rt['fraction_of_ceiling'], '.0f'):>6s} "
                 f"{fmt(st.get('compile_s'), '.1f'):>7s} {fmt(None if not mem else mem['peak'] / 2**20, '.0f'):>8s}")
     out("\n(/fb: median / frozen-backprop median (inference: / frozen model); floor: the same ratio of matmul FLOPs;"
-        " /lora: / LoRA on the same path; /torch: sora-jax / its PyTorch peer; peak MB: XLA compiled memory"
+        " /lora: / LoRA on the same path; /torch: sora-jax / its PyTorch peer; peak MiB: XLA compiled memory"
         " analysis, argument + output - alias + temp)")
     out("\n== acceptance targets ==")
     for c in checks:
