@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.adapter import Adapter
-from sora_jax.methods import condition
+from sora_jax.methods import colnorm, condition
 from sora_jax.models.common import default_dense
 from sora_jax.rotation import rotate, s_p
 
@@ -65,8 +65,18 @@ def dora_norm(W: Array, A: Array, B: Array, s: float) -> Array:
     ``n_j^2 = ||w_j||^2 + 2 s sum_k (A^T W)_kj B_kj + s^2 sum_k B_kj (A^T A B)_kj``. Computed in float32.
     """
     W, A, B = (t.astype(jnp.float32) for t in (W, A, B))
-    sq = jnp.sum(W * W, axis=0) + 2 * s * jnp.sum((A.T @ W) * B, axis=0) + s * s * jnp.sum(B * ((A.T @ A) @ B), axis=0)
+    sq = jnp.sum(W * W, axis=0) + 2 * s * jnp.sum((A.T @ W) * B, axis=0) + s * s * _colnorm_sq_lowrank(A, B)
     return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def _colnorm_sq_lowrank(P: Array, M: Array) -> Array:
+    """``colnorm(P M)^2`` for ``P: (d_in, k)``, ``M: (k, d_out)`` without forming ``P M``."""
+    return jnp.sum(M * ((P.T @ P) @ M), axis=0)
+
+
+def _colnorm_lowrank(P: Array, M: Array) -> Array:
+    """``colnorm(P M)`` (clamped at 0 against rounding below it)."""
+    return jnp.sqrt(jnp.maximum(_colnorm_sq_lowrank(P, M), 0.0))
 
 
 # -- the layer with a hand-written backward ----------------------------------------------------------
@@ -144,11 +154,6 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
     return (dot if beff is None else dot + beff), res
 
 
-def _colnorm_lowrank(P: Array, M: Array) -> Array:
-    """``colnorm(P M)`` for ``P: (d_in, k)``, ``M: (k, d_out)`` without forming ``P M``."""
-    return jnp.sqrt(jnp.maximum(jnp.sum(M * ((P.T @ P) @ M), axis=0), 0.0))
-
-
 def _frozen_colsum(
     method: str, G: Array, res: dict, hG: Array, acG: Array | None, beff: Array | None = None
 ) -> Array:
@@ -207,8 +212,8 @@ def recovery_kappa(method: str, lv: dict[str, Array], Weff: Array) -> Array:
         U = jnp.concatenate([C, D], axis=1)
         ZU = W @ (d[:, None] * U) + A @ (Bs @ U)  # Z U, Z = W diag(d) + A Bs
         e = e + _colnorm_lowrank(ZU, sp * jnp.concatenate([D.T, -C.T], axis=0))
-    num = jnp.sqrt(jnp.sum(Weff * Weff, axis=0)) + e
-    den = jnp.abs(d) * jnp.sqrt(jnp.sum(W * W, axis=0))
+    num = colnorm(Weff) + e
+    den = jnp.abs(d) * colnorm(W)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.inf)
 
 
