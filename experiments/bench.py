@@ -59,24 +59,18 @@ if str(ROOT) not in sys.path:
 
 import sora_jax as sj  # noqa: E402
 from sora_jax.adapter import find_modules  # noqa: E402
+from sora_jax.config import PAPER_TARGETS  # noqa: E402
 from sora_jax.train import TrainConfig, Trainer, loss_sums  # noqa: E402
 
-METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
+METHODS = sj.METHODS
 # "activation": adapted_dense's default (W' formed where that pays, fuse_pays); "unfused": every adapter term
 # on activations (adapted_dense(..., fused=False))
 PATHS = ("activation", "unfused", "weight")
-# The paper's GLUE targets (SPEC section 5) per model family; PEFT-style suffixes.
-TARGETS = {
-    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-    "roberta": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-    "deberta-v2": ("query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
-                   "output.dense"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-HEADS = {"bert": ("classifier",), "roberta": ("classifier",), "deberta-v2": ("classifier",), "llama": ("score",)}
+HEADS = {"bert": ("classifier",), "roberta": ("classifier",), "xlm-roberta": ("classifier",),
+         "deberta-v2": ("classifier",), "llama": ("score",)}
 # Where the embedding output is, per family (the frozen-backprop gradient is taken there).
-EMBEDDING_MODULE = {"bert": "embeddings", "roberta": "embeddings", "deberta-v2": "embeddings",
-                    "llama": "embed_tokens"}
+EMBEDDING_MODULE = {"bert": "embeddings", "roberta": "embeddings", "xlm-roberta": "embeddings",
+                    "deberta-v2": "embeddings", "llama": "embed_tokens"}
 # torch methods and the sora-jax method each one is compared with
 TORCH_METHODS = {"peft_lora": "lora", "peft_dora": "dora", "torch_prediag": "prediag", "torch_sora": "sora"}
 
@@ -644,9 +638,9 @@ def load_setup(args: argparse.Namespace, workdir: Path) -> Setup:
         name = Path(args.model).name if os.path.isdir(args.model) else args.model
     model = sj.load_pretrained(str(model_dir) if model_dir else args.model, load_tokenizer=False)
     model_type = model.config.model_type
-    if model_type not in TARGETS:
-        raise SystemExit(f"no GLUE targets known for model_type {model_type!r}; known: {sorted(TARGETS)}")
-    targets = tuple(args.targets.split(",")) if args.targets else TARGETS[model_type]
+    if model_type not in PAPER_TARGETS:
+        raise SystemExit(f"no GLUE targets known for model_type {model_type!r}; known: {sorted(PAPER_TARGETS)}")
+    targets = tuple(args.targets.split(",")) if args.targets else PAPER_TARGETS[model_type]
     num_labels = int(model.config.num_labels)
     batch = make_batch(int(model.config.vocab_size), args.batch, args.seq, num_labels)
     if model_type == "llama":  # sequence classification pools the last non-pad token: keep pad out of the ids

@@ -20,6 +20,17 @@ from typing import Any
 
 METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
 ROTATIONS = ("taylor", "cayley", "exp")
+_ENCODER_BLOCK = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+# The paper's targets (SPEC section 5: every linear layer of every block), by Hugging Face model_type,
+# as ``target_modules`` names (PEFT-style suffixes of our models' module paths).
+PAPER_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": _ENCODER_BLOCK,
+    "roberta": _ENCODER_BLOCK,
+    "xlm-roberta": _ENCODER_BLOCK,
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 
 
 class AdapterError(ValueError):
