@@ -34,7 +34,8 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   simplifier would otherwise fold the transpose back into the dot;
 - stores only what the backward needs: the adapter's input ``x``, the ``(N, r)`` and ``(N, 2 r_p)``
   products, and the output for the methods whose gradient needs it (``d``; DoRA's ``m``); unfused,
-  ``y = x W`` (DoRA: ``v = x (W + s A B)``) instead.
+  ``y = x W`` (DoRA: ``v = x (W + s A B)``) instead. A layer whose input is an activation's output
+  (``input_act``, the FFN's output layer) keeps the pre-activation instead and recomputes the activation.
 
 Exact rotations (``cayley``, ``exp``) take the plain autodiff form.
 
@@ -53,7 +54,7 @@ import jax.numpy as jnp
 
 from sora_jax.adapter import Adapter
 from sora_jax.methods import colnorm, condition
-from sora_jax.models.common import default_dense
+from sora_jax.models.common import ACTIVATIONS, default_dense
 from sora_jax.rotation import rotate, s_p
 
 Array = jax.Array
@@ -217,9 +218,10 @@ def recovery_kappa(method: str, lv: dict[str, Array], Weff: Array) -> Array:
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _layer(
-    method: str, fused: bool, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]
+    method: str, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
+    lv: dict[str, Array]
 ) -> Array:
     """One adapted layer (Taylor rotation) on 2-D activations ``x, xd: (N, d_in)`` -> ``(N, d_out)``.
 
@@ -227,18 +229,24 @@ def _layer(
     ``Bs = s B (r, d_out)`` and, per method, ``d (d_out,)``, ``k = m / n (d_out,)`` (DoRA),
     ``C, D (d_out, r_p)`` and ``sp`` (scalar ``s_p``). ``fused`` (needs ``xd is None``): form the
     effective weight ``W'`` once per step, take the input gradient as ``G W'^T`` (one matmul, as the
-    frozen layer) and the output as ``x W' + b'``. Undifferentiated
+    frozen layer) and the output as ``x W' + b'``. ``act`` (a name in :data:`ACTIVATIONS`, or ``None``): the
+    layer's input is ``act(x)``; ``x``, the pre-activation, is what the backward keeps, and it recomputes
+    ``act(x)`` when it needs it. Undifferentiated
     (inference), a fused layer is always ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
     if fused:
+        x = x if act is None else ACTIVATIONS[act](x)
         Weff, beff = _conditioned(method, W, b, lv)
         return x @ Weff if beff is None else x @ Weff + beff
-    return _layer_fwd(method, fused, x, W, b, xd, lv)[0]
+    return _layer_fwd(method, fused, act, x, W, b, xd, lv)[0]
 
 
 def _layer_fwd(
-    method: str, fused: bool, x: Array, W: Array, b: Array | None, xd: Array | None, lv: dict[str, Array]
+    method: str, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
+    lv: dict[str, Array]
 ):
     res: dict[str, Array | None] = {"x": x, "W": W, "b": b, "xd": xd, **lv}
+    if act is not None:
+        x = ACTIVATIONS[act](x)
     if fused:
         return _fused_forward(method, x, W, b, lv, res)
     Bs = lv["Bs"]
@@ -275,8 +283,19 @@ def _layer_fwd(
     return (out + u if method == "pre_ortho" else out), res
 
 
-def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array):
+def _after(x: Array, G: Array) -> Array:
+    """``x`` (exactly, for a finite ``G``), as a value that exists only once the cotangent ``G`` does:
+    ``x + 0 G_00``. A recomputation from ``x`` then happens in the backward pass and is not merged with
+    the forward's. (An optimisation barrier is not enough: XLA's CPU backend expands barriers before
+    its last common-subexpression pass, which then merges the recomputation back into the forward and
+    keeps its result alive in between; experiments/PERF.md, change 13.)"""
+    return x + jnp.zeros((), x.dtype) * G[0, 0].astype(x.dtype)
+
+
+def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array | None], G: Array):
     x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
+    if act is not None:  # the input again, from the kept pre-activation
+        x, act_vjp = jax.vjp(ACTIVATIONS[act], _after(x, G))
     grads: dict[str, Array] = {}
     Weff, beff = _conditioned(method, W, b, res) if fused else (None, None)
     if method in ROTATING:
@@ -354,6 +373,8 @@ def _layer_bwd(method: str, fused: bool, res: dict[str, Array | None], G: Array)
     dW = jnp.dot(x.T, dp)
     db = None if b is None else jnp.sum(G if method == "dora" else dp, axis=0)
     lv_in = {k: res[k] for k in ("A", "Bs", "d", "k", "C", "D", "sp") if k in res}
+    if act is not None:
+        dx = act_vjp(dx)[0]
     return dx, dW, db, dxd, {k: grads[k].astype(v.dtype) for k, v in lv_in.items()}
 
 
@@ -413,30 +434,36 @@ def adapted_layer(
     scaling: float,
     dropout_key: Array | None = None,
     fused: bool | None = None,
+    input_act: str | None = None,
 ) -> Array:
     """One adapted dense layer on activations. ``x: (..., d_in)``, ``kernel: (d_in, d_out)`` -> ``(..., d_out)``.
 
     ``fused``: form ``W'`` once per step (see the module docstring); ``False`` keeps every adapter term on
-    activations; ``None`` chooses by shape (:func:`fuse_pays`). Both compute the same function."""
+    activations; ``None`` chooses by shape (:func:`fuse_pays`). Both compute the same function.
+    ``input_act``: the layer's input is ``act(x)`` for that activation (``sora_jax.models.ACTIVATIONS``);
+    the backward keeps ``x`` (which the model keeps anyway for the activation's derivative) and recomputes
+    ``act(x)``, instead of keeping a second tensor (``(N, 4 hidden)`` in a transformer's FFN)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     dt = x.dtype
     W = kernel.astype(dt)
     b = None if bias is None else bias.astype(dt)
     method = config.method
+    dropped = dropout_key is not None and config.lora_dropout > 0.0
+    if input_act is not None and (dropped or (config.has_rotation and config.rotation != "taylor")):
+        x, input_act = ACTIVATIONS[input_act](x), None
     if config.has_rotation and config.rotation != "taylor":
         xd = _dropout(x, config.lora_dropout, dropout_key)
         lv = {k: v.astype(dt) for k, v in leaves.items()}
         out = _adapted_layer_autodiff(jnp.dot(x, W), b, lv, config, scaling, xd)
     else:
         tail = layer_leaves(kernel, leaves, config, scaling, dt)
-        dropped = dropout_key is not None and config.lora_dropout > 0.0
         xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
         if fused is None:
             fused = fuse_pays(x.shape[0], *W.shape)
         # forming W' is exact only in float32 (in bfloat16 a small update would round away)
         fused = fused and xd is None and dt == jnp.float32
-        out = _layer(method, fused, x, W, b, xd, tail)
+        out = _layer(method, fused, input_act, x, W, b, xd, tail)
     return out.reshape(*lead, out.shape[-1])
 
 
@@ -455,7 +482,8 @@ def adapted_dense(
 ) -> Callable[..., Array]:
     """A model ``dense_fn(path, x, kernel, bias)`` that runs ``adapter`` on activations.
 
-    Modules without adapter leaves compute ``x W + b``. ``dropout_rng``: a key for LoRA dropout
+    Modules without adapter leaves compute ``x W + b``. The model may pass ``input_act`` (the name of the
+    activation to apply to ``x`` first; see :func:`adapted_layer`). ``dropout_rng``: a key for LoRA dropout
     (``config.lora_dropout``), folded with each module's path; ``None`` disables dropout (evaluation).
     ``fused``: see :func:`adapted_layer` (``None``, the default, chooses per layer by shape; both forms compute
     the same function).
@@ -463,14 +491,16 @@ def adapted_dense(
     """
     config = adapter.config
 
-    def dense_fn(path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None) -> Array:
+    def dense_fn(
+        path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None, input_act: str | None = None
+    ) -> Array:
         key = "/".join(path)
         leaves = adapter.layers.get(key)
         if leaves is None:
-            return default_dense(path, x, kernel, bias)
+            return default_dense(path, x, kernel, bias, input_act)
         if kernel.ndim != 2:
             raise ValueError(f"activation path needs a 2-D kernel at {key!r}, got {kernel.shape}")
         k = None if dropout_rng is None else jax.random.fold_in(dropout_rng, zlib.crc32(key.encode()))
-        return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k, fused)
+        return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k, fused, input_act)
 
     return dense_fn

@@ -419,3 +419,79 @@ def test_fuse_pays_follows_the_flop_counts():
             unfused_cost = 6 * rows * r * (d_in + d_out)
             assert fuse_pays(rows, d_in, d_out) == (fused_cost < unfused_cost), (rows, d_in, d_out)
     assert fuse_pays(4096, 384, 1536) and not fuse_pays(512, 2048, 8192)  # minilm / a 1B LLaMA at 4 x 128
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("method", METHODS)
+def test_input_act_is_the_activation_applied_first(method, fused):
+    """``dense_fn(..., input_act="gelu")`` on a pre-activation is the adapted layer on ``gelu(pre)`` (the
+    backward recomputes the activation instead of keeping it): outputs and gradients (adapter leaves and
+    the pre-activation) against autodiff of the weight path, ``gelu`` then ``apply_adapter``'s layer, under
+    jit. Tolerance as for the fused gradients: 1e-4 relative, 1e-5 of the largest value (float32, other
+    summation orders)."""
+    from sora_jax.models.common import ACTIVATIONS
+
+    params = make_params()
+    cfg = sj.AdapterConfig(method=method, r=3, lora_alpha=6, rotation_rank=2, target_modules=["query"])
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, cfg))
+    path = "enc/layer_0/attn/query"
+    mod, key = module(params, path), tuple(path.split("/"))
+    pre = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 12)), jnp.float32)
+    proj = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 10)), jnp.float32)
+
+    def activation(ad, pre):
+        y = adapted_dense(ad, fused=fused)(key, pre, mod["kernel"], mod["bias"], input_act="gelu")
+        return jnp.sum(y * proj), y
+
+    def weight(ad, pre):
+        new = module(sj.apply_adapter(params, ad), path)
+        y = ACTIVATIONS["gelu"](pre) @ new["kernel"] + new["bias"]
+        return jnp.sum(y * proj), y
+
+    (_, got_y), got = jax.jit(jax.value_and_grad(activation, argnums=(0, 1), has_aux=True))(adapter, pre)
+    (_, want_y), want = jax.value_and_grad(weight, argnums=(0, 1), has_aux=True)(adapter, pre)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+    pairs = [(got[0].layers[path][n], want[0].layers[path][n], n) for n in adapter.layers[path]]
+    for g, w, name in [*pairs, (got[1], want[1], "pre")]:
+        g, w = np.asarray(g), np.asarray(w)
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("method", ["lora", "sora"])
+def test_input_act_keeps_the_pre_activation_only(method, fused):
+    """Memory, from XLA's compiled memory analysis of the gradient (deterministic, not a timing): in a
+    stack of ``L`` FFN blocks, handing the FFN's second layer the pre-activation (``input_act``) instead of
+    ``gelu(pre)`` saves at least ``L - 2`` activations ``(N, f)``: the backward recomputes each one rather
+    than keeping it from the forward (with an optimisation barrier instead of a data dependency on the
+    cotangent, XLA merges the recomputation into the forward and nothing is saved)."""
+    from sora_jax.models.common import ACTIVATIONS
+
+    L, N, d, f = 4, 512, 64, 256
+    rng = np.random.default_rng(0)
+
+    def layer(*shape):
+        return {"kernel": jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), jnp.float32),
+                "bias": jnp.zeros(shape[1], jnp.float32)}
+
+    params = {f"b{i}": {"up": layer(d, f), "down": layer(f, d)} for i in range(L)}
+    adapter = sj.init_adapter(jax.random.key(0), params, sj.AdapterConfig(method=method, r=4,
+                                                                          target_modules=["up", "down"]))
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+
+    def loss(ad, x, recompute):
+        dense = adapted_dense(ad, fused=fused)
+        h = x
+        for i in range(L):
+            up, down = params[f"b{i}"]["up"], params[f"b{i}"]["down"]
+            pre = dense((f"b{i}", "up"), h, up["kernel"], up["bias"])
+            if recompute:
+                y = dense((f"b{i}", "down"), pre, down["kernel"], down["bias"], input_act="gelu")
+            else:
+                y = dense((f"b{i}", "down"), ACTIVATIONS["gelu"](pre), down["kernel"], down["bias"])
+            h = jnp.tanh(h + y)
+        return jnp.sum(h)
+
+    temp = {rc: jax.jit(jax.grad(loss), static_argnums=2).lower(adapter, x, rc).compile()
+            .memory_analysis().temp_size_in_bytes for rc in (False, True)}
+    assert temp[False] - temp[True] >= (L - 2) * N * f * 4, temp

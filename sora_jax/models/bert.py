@@ -108,9 +108,10 @@ class _Base(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def linear(self, features: int, name: str) -> Linear:
+    def linear(self, features: int, name: str, input_act: str | None = None) -> Linear:
         return Linear(
             features,
+            input_act=input_act,
             dense_fn=self.dense_fn,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -189,11 +190,14 @@ class SelfAttention(_Base):
 
 
 class Output(_Base):
-    """``dense`` -> dropout -> ``LayerNorm(x + residual)`` (``BertSelfOutput`` / ``BertOutput``)."""
+    """``dense`` -> dropout -> ``LayerNorm(x + residual)`` (``BertSelfOutput`` / ``BertOutput``); with
+    ``input_act``, ``dense`` applies that activation to ``x`` first (``BertOutput``, see ``Intermediate``)."""
+
+    input_act: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
-        x = self.linear(self.spec.hidden_size, "dense")(x)
+        x = self.linear(self.spec.hidden_size, "dense", self.input_act)(x)
         x = nn.Dropout(self.spec.hidden_dropout_prob)(x, deterministic=deterministic)
         return self.layer_norm()(x + residual)
 
@@ -215,16 +219,17 @@ class Layer(_Base):
     def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
         kw = dict(spec=self.spec, dense_fn=self.dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
         x = Attention(**kw, name="attention")(x, bias, deterministic)
-        h = Intermediate(**kw, name="intermediate")(x)
-        return Output(**kw, name="output")(h, x, deterministic)
+        pre = Intermediate(**kw, name="intermediate")(x)
+        return Output(**kw, input_act=self.spec.hidden_act, name="output")(pre, x, deterministic)
 
 
 class Intermediate(_Base):
-    """``dense`` ``(hidden, intermediate)`` + the activation."""
+    """``dense`` ``(hidden, intermediate)``. Returns the pre-activation: the activation runs as the next
+    layer's ``input_act`` (``output/dense``; see ``sora_jax.models.common``)."""
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return ACTIVATIONS[self.spec.hidden_act](self.linear(self.spec.intermediate_size, "dense")(x))
+        return self.linear(self.spec.intermediate_size, "dense")(x)
 
 
 class Encoder(_Base):

@@ -5,12 +5,19 @@ The models know nothing of adapters. Every dense layer is a :class:`Linear`, whi
 *dense function* supplied from outside (``dense_fn``)::
 
     dense_fn(path, x, kernel, bias) -> y        # x: (..., d_in), y: (..., d_out)
+    dense_fn(path, x, kernel, bias, input_act="gelu")   # y = act(x) W + b
 
 ``path`` is the module's path in the parameter tree (``("bert", "encoder", "layer_0", "attention",
 "self", "query")``). The default, :func:`default_dense`, computes ``x W + b`` on activations
 flattened to 2-D (XLA's CPU backend runs thin matmuls on 3-D activations much slower). An adapter
 library can pass its own dense function to run adapters on activations without the model importing
 it.
+
+A layer whose input is an activation's output (a transformer FFN's second layer) is handed the
+pre-activation and the activation's name (``input_act``, a key of :data:`ACTIVATIONS`): a dense function
+that keeps its input for a gradient can then keep the pre-activation, which the activation's own
+derivative keeps anyway, and recompute the activation. A dense function without an ``input_act``
+parameter is handed ``act(x)`` instead.
 
 Naming convention (so that Hugging Face conversion is one generic table, see ``sora_jax.convert``):
 a parameter path is the Hugging Face name with ``.`` replaced by ``/`` and ``layer.N`` written
@@ -21,6 +28,7 @@ norm's ``weight``) and ``embedding`` (an ``nn.Embedding.weight``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,9 +45,14 @@ class DenseFn(Protocol):
     def __call__(self, path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None) -> Array: ...
 
 
-def default_dense(path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None) -> Array:
-    """``y = x W + b`` with ``x`` flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``."""
+def default_dense(
+    path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None, input_act: str | None = None
+) -> Array:
+    """``y = act(x) W + b`` with ``x`` flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``; ``act``: the
+    activation named ``input_act`` (:data:`ACTIVATIONS`), or none."""
     del path
+    if input_act is not None:
+        x = ACTIVATIONS[input_act](x)
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
     if bias is not None:
@@ -47,10 +60,20 @@ def default_dense(path: tuple[str, ...], x: Array, kernel: Array, bias: Array | 
     return y.reshape(*lead, kernel.shape[-1])
 
 
+def takes_input_act(dense_fn: Callable[..., Array]) -> bool:
+    """Whether ``dense_fn`` accepts the ``input_act`` keyword (see the module docstring)."""
+    try:
+        params = inspect.signature(dense_fn).parameters
+    except (TypeError, ValueError):  # no signature to read: assume the plain contract
+        return False
+    return "input_act" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 class Linear(nn.Module):
     """A dense layer whose computation is delegated to ``dense_fn`` (see module docstring).
 
-    Params: ``kernel (d_in, features)``, ``bias (features,)`` when ``use_bias``.
+    Params: ``kernel (d_in, features)``, ``bias (features,)`` when ``use_bias``. ``input_act``: the layer
+    computes ``act(x) W + b`` for that activation (handed to ``dense_fn`` when it takes ``input_act``).
     """
 
     features: int
@@ -59,12 +82,18 @@ class Linear(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+    input_act: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
-        return self.dense_fn(tuple(self.path), x.astype(self.dtype), kernel, bias)
+        x = x.astype(self.dtype)
+        if self.input_act is None:
+            return self.dense_fn(tuple(self.path), x, kernel, bias)
+        if takes_input_act(self.dense_fn):
+            return self.dense_fn(tuple(self.path), x, kernel, bias, input_act=self.input_act)
+        return self.dense_fn(tuple(self.path), ACTIVATIONS[self.input_act](x), kernel, bias)
 
 
 @dataclasses.dataclass(frozen=True)

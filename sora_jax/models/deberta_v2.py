@@ -187,11 +187,13 @@ class _Base(nn.Module):
         """Keyword arguments that hand the shared fields to a child module."""
         return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, dense_fn=self.dense_fn)
 
-    def dense(self, features: int, name: str, use_bias: bool = True) -> Linear:
-        """A :class:`Linear` ``(d_in, features)`` named ``name`` running ``self.dense_fn``."""
+    def dense(self, features: int, name: str, use_bias: bool = True, input_act: str | None = None) -> Linear:
+        """A :class:`Linear` ``(d_in, features)`` named ``name`` running ``self.dense_fn`` (on ``act(x)`` with
+        ``input_act``)."""
         return Linear(
             features,
             use_bias=use_bias,
+            input_act=input_act,
             dense_fn=self.dense_fn,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -293,13 +295,16 @@ class DisentangledSelfAttention(_Base):
 class DebertaV2Output(_Base):
     """``LayerNorm(dropout(dense(x)) + residual)``; params ``dense (d_in, hidden)``, ``LayerNorm``.
 
-    Serves as HF ``DebertaV2SelfOutput`` (``attention/output``) and ``DebertaV2Output`` (``output``).
+    Serves as HF ``DebertaV2SelfOutput`` (``attention/output``) and ``DebertaV2Output`` (``output``, with
+    ``input_act``: ``dense`` applies the activation to ``x`` first, see :class:`DebertaV2Intermediate`).
     """
+
+    input_act: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, residual: Array, deterministic: bool = True) -> Array:
         """``x (B, L, d_in)``, ``residual (B, L, hidden)`` -> ``(B, L, hidden)``."""
-        y = self.dense(self.config.hidden_size, "dense")(x)
+        y = self.dense(self.config.hidden_size, "dense", input_act=self.input_act)(x)
         y = nn.Dropout(self.config.hidden_dropout_prob)(y, deterministic=deterministic)
         return self.layer_norm("LayerNorm")(y + residual)
 
@@ -324,13 +329,14 @@ class DebertaV2Attention(_Base):
 
 
 class DebertaV2Intermediate(_Base):
-    """``act(dense(x))``; params ``dense (hidden, intermediate)``."""
+    """``dense(x)``; params ``dense (hidden, intermediate)``. Returns the pre-activation: the activation runs
+    as the next layer's ``input_act`` (``output/dense``; see ``sora_jax.models.common``)."""
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """``(B, L, hidden) -> (B, L, intermediate)``."""
-        cfg = self.config
-        return activation(cfg.hidden_act)(self.dense(cfg.intermediate_size, "dense")(x))
+        activation(self.config.hidden_act)  # an unsupported activation fails here, by name
+        return self.dense(self.config.intermediate_size, "dense")(x)
 
 
 class DebertaV2Layer(_Base):
@@ -349,8 +355,10 @@ class DebertaV2Layer(_Base):
         attention_output = DebertaV2Attention(**self.kw, name="attention")(
             hidden_states, pair_mask, relative_pos, rel_embeddings, deterministic
         )
-        intermediate = DebertaV2Intermediate(**self.kw, name="intermediate")(attention_output)
-        return DebertaV2Output(**self.kw, name="output")(intermediate, attention_output, deterministic)
+        pre = DebertaV2Intermediate(**self.kw, name="intermediate")(attention_output)
+        return DebertaV2Output(**self.kw, input_act=self.config.hidden_act, name="output")(
+            pre, attention_output, deterministic
+        )
 
 
 class Conv1d(nn.Module):
