@@ -288,7 +288,7 @@ def _after(x: Array, G: Array) -> Array:
     ``x + 0 G_00``. A recomputation from ``x`` then happens in the backward pass and is not merged with
     the forward's. (An optimisation barrier is not enough: XLA's CPU backend expands barriers before
     its last common-subexpression pass, which then merges the recomputation back into the forward and
-    keeps its result alive in between; experiments/PERF.md, change 13.)"""
+    keeps its result alive in between; experiments/PERF.md, change 12.)"""
     return x + jnp.zeros((), x.dtype) * G[0, 0].astype(x.dtype)
 
 
