@@ -166,6 +166,33 @@ def test_dense_fn_reaches_every_linear(tmp_path):
     assert _max_err(out["logits"], model.apply(model.params, **b)["logits"]) > 1e-2
 
 
+def test_dense_fn_contract_with_and_without_input_act(tmp_path):
+    """The FFN's output layer computes ``gelu(pre) W + b``. A dense function of the plain four-argument
+    contract is handed ``gelu(pre)`` (the model applies the activation for it); one that takes
+    ``input_act`` (here by ``**kwargs``) is handed the pre-activation and the activation's name. Both,
+    written as the plain layer, reproduce the model (float32, identical operations: 1e-6)."""
+    from sora_jax.models.common import ACTIVATIONS
+
+    tm = torch_model("bert")
+    model = load_pretrained(save(tm, tmp_path / "m"))
+    acts = []
+
+    def plain(path, x, kernel, bias):
+        return x @ kernel + bias
+
+    def keyword(path, x, kernel, bias, **kw):
+        acts.append(kw.get("input_act"))
+        x = x if kw.get("input_act") is None else ACTIVATIONS[kw["input_act"]](x)
+        return x @ kernel + bias
+
+    b = batch(tm.config)
+    want = model.apply(model.params, **b)["logits"]
+    for fn in (plain, keyword):
+        assert _max_err(model.apply(model.params, dense_fn=fn, **b)["logits"], want) < 1e-6, fn.__name__
+    L = tm.config.num_hidden_layers
+    assert acts.count(tm.config.hidden_act) == L and acts.count(None) == len(acts) - L
+
+
 def test_unsupported_config_options():
     with pytest.raises(ValueError, match="position_embedding_type='relative_key' is not supported"):
         build(tiny_config("bert", position_embedding_type="relative_key"))

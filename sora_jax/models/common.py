@@ -42,7 +42,11 @@ Array = jax.Array
 
 
 class DenseFn(Protocol):
-    def __call__(self, path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None) -> Array: ...
+    """The dense-function contract (module docstring); ``input_act`` may be left out of a signature."""
+
+    def __call__(
+        self, path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None, input_act: str | None = None
+    ) -> Array: ...
 
 
 def default_dense(
