@@ -285,11 +285,14 @@ def _layer_fwd(
 
 def _after(x: Array, G: Array) -> Array:
     """``x`` (exactly, for a finite ``G``), as a value that exists only once the cotangent ``G`` does:
-    ``x + 0 G_00``. A recomputation from ``x`` then happens in the backward pass and is not merged with
-    the forward's. (An optimisation barrier is not enough: XLA's CPU backend expands barriers before
-    its last common-subexpression pass, which then merges the recomputation back into the forward and
-    keeps its result alive in between; experiments/PERF.md, change 12.)"""
-    return x + jnp.zeros((), x.dtype) * G[0, 0].astype(x.dtype)
+    ``x + 0 G_00`` (``x`` for an empty ``G``). A recomputation from ``x`` then happens in the
+    backward pass and is not merged with the forward's. (An optimisation barrier is not enough: XLA's
+    CPU backend expands barriers before its last common-subexpression pass, which then merges the
+    recomputation back into the forward and keeps its result alive in between; experiments/PERF.md,
+    change 12.)"""
+    if G.size == 0:
+        return x
+    return x + jnp.zeros((), x.dtype) * G[(0,) * G.ndim].astype(x.dtype)
 
 
 def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array | None], G: Array):
