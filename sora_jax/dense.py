@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from sora_jax.adapter import Adapter
 from sora_jax.methods import colnorm, condition
-from sora_jax.models.common import ACTIVATIONS, default_dense
+from sora_jax.models.common import activation, default_dense
 from sora_jax.rotation import rotate, s_p
 
 Array = jax.Array
@@ -229,12 +229,12 @@ def _layer(
     ``Bs = s B (r, d_out)`` and, per method, ``d (d_out,)``, ``k = m / n (d_out,)`` (DoRA),
     ``C, D (d_out, r_p)`` and ``sp`` (scalar ``s_p``). ``fused`` (needs ``xd is None``): form the
     effective weight ``W'`` once per step, take the input gradient as ``G W'^T`` (one matmul, as the
-    frozen layer) and the output as ``x W' + b'``. ``act`` (a name in :data:`ACTIVATIONS`, or ``None``): the
-    layer's input is ``act(x)``; ``x``, the pre-activation, is what the backward keeps, and it recomputes
-    ``act(x)`` when it needs it. Undifferentiated
-    (inference), a fused layer is always ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
+    frozen layer) and the output as ``x W' + b'``. ``act`` (an activation's name, or ``None``): the layer's
+    input is ``act(x)``; ``x``, the pre-activation, is what the backward keeps, and it recomputes ``act(x)``
+    when it needs it. Undifferentiated (inference), a fused layer is always ``x W' + b'``: the cost of the
+    merged model plus forming ``W'``."""
     if fused:
-        x = x if act is None else ACTIVATIONS[act](x)
+        x = x if act is None else activation(act)(x)
         Weff, beff = _conditioned(method, W, b, lv)
         return x @ Weff if beff is None else x @ Weff + beff
     return _layer_fwd(method, fused, act, x, W, b, xd, lv)[0]
@@ -246,7 +246,7 @@ def _layer_fwd(
 ):
     res: dict[str, Array | None] = {"x": x, "W": W, "b": b, "xd": xd, **lv}
     if act is not None:
-        x = ACTIVATIONS[act](x)
+        x = activation(act)(x)
     if fused:
         return _fused_forward(method, x, W, b, lv, res)
     Bs = lv["Bs"]
@@ -298,7 +298,7 @@ def _after(x: Array, G: Array) -> Array:
 def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array | None], G: Array):
     x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
     if act is not None:  # the input again, from the kept pre-activation
-        x, act_vjp = jax.vjp(ACTIVATIONS[act], _after(x, G))
+        x, act_vjp = jax.vjp(activation(act), _after(x, G))
     grads: dict[str, Array] = {}
     Weff, beff = _conditioned(method, W, b, res) if fused else (None, None)
     if method in ROTATING:
@@ -453,9 +453,10 @@ def adapted_layer(
     b = None if bias is None else bias.astype(dt)
     method = config.method
     dropped = dropout_key is not None and config.lora_dropout > 0.0
-    if input_act is not None and (dropped or (config.has_rotation and config.rotation != "taylor")):
-        x, input_act = ACTIVATIONS[input_act](x), None
-    if config.has_rotation and config.rotation != "taylor":
+    autodiff = config.has_rotation and config.rotation != "taylor"  # exact rotations: plain autodiff
+    if input_act is not None and (dropped or autodiff):  # the activation is applied here, kept by autodiff
+        x, input_act = activation(input_act)(x), None
+    if autodiff:
         xd = _dropout(x, config.lora_dropout, dropout_key)
         lv = {k: v.astype(dt) for k, v in leaves.items()}
         out = _adapted_layer_autodiff(jnp.dot(x, W), b, lv, config, scaling, xd)

@@ -56,7 +56,7 @@ def default_dense(
     activation named ``input_act`` (:data:`ACTIVATIONS`), or none."""
     del path
     if input_act is not None:
-        x = ACTIVATIONS[input_act](x)
+        x = activation(input_act)(x)
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
     if bias is not None:
@@ -97,7 +97,7 @@ class Linear(nn.Module):
             return self.dense_fn(tuple(self.path), x, kernel, bias)
         if takes_input_act(self.dense_fn):
             return self.dense_fn(tuple(self.path), x, kernel, bias, input_act=self.input_act)
-        return self.dense_fn(tuple(self.path), ACTIVATIONS[self.input_act](x), kernel, bias)
+        return self.dense_fn(tuple(self.path), activation(self.input_act)(x), kernel, bias)
 
 
 @dataclasses.dataclass(frozen=True)

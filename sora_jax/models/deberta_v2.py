@@ -335,7 +335,6 @@ class DebertaV2Intermediate(_Base):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """``(B, L, hidden) -> (B, L, intermediate)``."""
-        activation(self.config.hidden_act)  # an unsupported activation fails here, by name
         return self.dense(self.config.intermediate_size, "dense")(x)
 
 
