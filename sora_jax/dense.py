@@ -21,8 +21,9 @@ Speed (see experiments/PERF.md). The whole layer has a hand-written backward (:f
 whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, never the
 ``(d_in, d_out)`` weight gradient ``x^T G`` that the weight path pays. It
 
-- forms the effective weight ``W'`` (``O(d_in d_out (r + 2 r_p))``, once per step, never
-  differentiated; float32 without LoRA dropout, ``fused=True``) so that the forward is one matmul
+- forms the effective weight ``W'`` (``O(d_in d_out (r + 2 r_p))``, in the forward and again in the
+  backward rather than kept in between, never differentiated; float32 without LoRA dropout,
+  ``fused=True``) so that the forward is one matmul
   ``x W' + b'`` and the input gradient one matmul ``G W'^T``, as in the frozen layer; the gradients of
   ``d`` and DoRA's ``m``, which need the frozen layer's own output, recover it from the kept output
   (:func:`_frozen_colsum`; the few worst-conditioned output features are computed exactly instead);
@@ -55,6 +56,7 @@ import jax.numpy as jnp
 from sora_jax.adapter import Adapter
 from sora_jax.methods import colnorm, condition
 from sora_jax.models.common import activation, default_dense
+from sora_jax.models.recompute import after
 from sora_jax.rotation import rotate, s_p
 
 Array = jax.Array
@@ -283,24 +285,18 @@ def _layer_fwd(
     return (out + u if method == "pre_ortho" else out), res
 
 
-def _after(x: Array, G: Array) -> Array:
-    """``x`` (exactly, for a finite ``G``), as a value that exists only once the cotangent ``G`` does:
-    ``x + 0 G_00`` (``x`` for an empty ``G``). A recomputation from ``x`` then happens in the
-    backward pass and is not merged with the forward's. (An optimisation barrier is not enough: XLA's
-    CPU backend expands barriers before its last common-subexpression pass, which then merges the
-    recomputation back into the forward and keeps its result alive in between; experiments/PERF.md,
-    change 12.)"""
-    if G.size == 0:
-        return x
-    return x + jnp.zeros((), x.dtype) * G[(0,) * G.ndim].astype(x.dtype)
+_LEAVES = ("A", "Bs", "d", "k", "C", "D", "sp")  # the names of a layer's adapter leaves ``lv``
 
 
 def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array | None], G: Array):
     x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
     if act is not None:  # the input again, from the kept pre-activation
-        x, act_vjp = jax.vjp(activation(act), _after(x, G))
+        x, act_vjp = jax.vjp(activation(act), after(x, G))
     grads: dict[str, Array] = {}
-    Weff, beff = _conditioned(method, W, b, res) if fused else (None, None)
+    Weff, beff = None, None
+    if fused:  # W' formed again, from inputs tied to G: not the forward's W' kept alive until here
+        Wt, bt, lvt = jax.tree.map(lambda t: after(t, G), (W, b, {k: res[k] for k in _LEAVES if k in res}))
+        Weff, beff = _conditioned(method, Wt, bt, lvt)
     if method in ROTATING:
         C, D, sp, ac = res["C"], res["D"], res["sp"], res["ac"]
         r_p = C.shape[1]
@@ -375,10 +371,9 @@ def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array |
     # cotangents of the frozen kernel and bias: dead code unless they are differentiated
     dW = jnp.dot(x.T, dp)
     db = None if b is None else jnp.sum(G if method == "dora" else dp, axis=0)
-    lv_in = {k: res[k] for k in ("A", "Bs", "d", "k", "C", "D", "sp") if k in res}
     if act is not None:
         dx = act_vjp(dx)[0]
-    return dx, dW, db, dxd, {k: grads[k].astype(v.dtype) for k, v in lv_in.items()}
+    return dx, dW, db, dxd, {k: grads[k].astype(res[k].dtype) for k in _LEAVES if k in res}
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)

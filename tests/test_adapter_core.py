@@ -495,3 +495,34 @@ def test_input_act_keeps_the_pre_activation_only(method, fused):
     temp = {rc: jax.jit(jax.grad(loss), static_argnums=2).lower(adapter, x, rc).compile()
             .memory_analysis().temp_size_in_bytes for rc in (False, True)}
     assert temp[False] - temp[True] >= (L - 2) * N * f * 4, temp
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_backward_forms_the_effective_weight_again(method):
+    """Memory, from XLA's compiled memory analysis of the gradient: a fused layer's backward forms ``W'``
+    again rather than keeping the forward's (XLA would merge the two and keep ``W'`` alive from the forward
+    to the backward). In a stack of ``(d, d)`` layers, what the gradient keeps per layer is ``a N + c``
+    (``N`` tokens): activations, and ``c`` the token-independent rest, which must stay below half of one
+    ``W'`` (it is one ``W'`` when the forward's is kept)."""
+    d = 256
+    rng = np.random.default_rng(0)
+
+    def temp_bytes(L: int, N: int) -> int:
+        params = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=(d, d)) / np.sqrt(d), jnp.float32),
+                            "bias": jnp.zeros(d, jnp.float32)} for i in range(L)}
+        adapter = sj.init_adapter(jax.random.key(0), params, sj.AdapterConfig(method=method, r=4,
+                                                                              target_modules=list(params)))
+
+        def loss(ad, params, x):
+            dense = adapted_dense(ad, fused=True)
+            for i in range(L):
+                x = jnp.tanh(dense((f"l{i}",), x, params[f"l{i}"]["kernel"], params[f"l{i}"]["bias"]))
+            return jnp.sum(x)
+
+        x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+        return jax.jit(jax.grad(loss)).lower(adapter, params, x).compile().memory_analysis().temp_size_in_bytes
+
+    n1, n2 = 512, 1024
+    s1, s2 = ((temp_bytes(6, n) - temp_bytes(2, n)) / 4 for n in (n1, n2))  # kept per layer
+    c = (n2 * s1 - n1 * s2) / (n2 - n1)
+    assert c < d * d * 4 / 2, c / (d * d * 4)

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, default_dense
 
 Array = jax.Array
@@ -177,15 +178,8 @@ class SelfAttention(_Base):
         k = split(self.linear(s.hidden_size, "key")(x))
         v = split(self.linear(s.hidden_size, "value")(x))
         rate = s.attention_probs_dropout_prob
-        if deterministic or rate == 0.0:
-            out = jax.nn.dot_product_attention(q, k, v, bias=bias)
-        else:
-            # jax.nn.dot_product_attention has no dropout on the probabilities: the explicit form.
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            logits = logits / jnp.sqrt(jnp.float32(s.head_dim)) + bias
-            probs = jax.nn.softmax(logits, axis=-1)
-            probs = nn.Dropout(rate)(probs, deterministic=False).astype(v.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        rng = None if deterministic or rate == 0.0 else self.make_rng("dropout")
+        out = dot_product_attention(q, k, v, bias=bias, dropout_rate=rate, dropout_rng=rng)
         return out.reshape(B, T, s.hidden_size)
 
 

@@ -1,0 +1,113 @@
+"""``sora_jax.models.attention.dot_product_attention``: values against ``jax.nn.dot_product_attention`` (an
+independent implementation), gradients against autodiff of it and of the explicit dropout formula, and
+what the backward pass keeps (XLA's compiled memory analysis)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax.models.attention import dot_product_attention
+
+B, T, H, D = 3, 9, 2, 8
+# float32 against float32 in another summation order; sums over <= 9 keys and 8 features: errors ~1e-6
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _qkv(seed: int = 0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q, k, v, w = (jax.random.normal(kk, (B, T, H, D), jnp.float32) for kk in ks)
+    return q, k, v, w
+
+
+def _bias(kind: str) -> jax.Array | None:
+    if kind == "none":
+        return None
+    if kind == "padding":  # batch 1 has 4 padded keys, batch 2 only padding (rows of uniform probabilities)
+        mask = np.ones((B, T), bool)
+        mask[1, 5:] = False
+        mask[2, :] = False
+        return jnp.where(jnp.asarray(mask)[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+    return jax.random.normal(jax.random.key(7), (B, H, T, T), jnp.float32)  # a full, differentiated bias
+
+
+@pytest.mark.parametrize("kind", ["none", "padding", "full"])
+def test_values_and_gradients_match_jax_nn(kind: str):
+    q, k, v, w = _qkv()
+    bias = _bias(kind)
+    argnums = (0, 1, 2, 3) if kind == "full" else (0, 1, 2)
+
+    def loss(attn):
+        return lambda q, k, v, b: jnp.sum(w * attn(q, k, v, bias=b))
+
+    ours = jax.value_and_grad(loss(dot_product_attention), argnums)(q, k, v, bias)
+    ref = jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums)(q, k, v, bias)
+    np.testing.assert_allclose(ours[0], ref[0], **TOL)
+    for name, a, b in zip("qkvb"[: len(argnums)], ours[1], ref[1], strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 1e-3, name  # a gradient that is there to compare
+        np.testing.assert_allclose(a, b, **TOL, err_msg=name)
+
+
+def test_dropout_is_the_explicit_formula_with_the_same_mask():
+    q, k, v, w = _qkv(1)
+    bias, rate, key = _bias("padding"), 0.25, jax.random.key(3)
+    keep = jax.random.bernoulli(key, 1.0 - rate, (B, H, T, T))
+
+    def explicit(q, k, v):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D) + bias
+        probs = jnp.where(keep, jax.nn.softmax(logits, axis=-1) / (1.0 - rate), 0.0)
+        return jnp.sum(w * jnp.einsum("bhqk,bkhd->bqhd", probs, v))
+
+    def ours(q, k, v):
+        return jnp.sum(w * dot_product_attention(q, k, v, bias=bias, dropout_rate=rate, dropout_rng=key))
+
+    got, ref = jax.value_and_grad(ours, (0, 1, 2))(q, k, v), jax.value_and_grad(explicit, (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(got[0], ref[0], **TOL)
+    for a, b in zip(got[1], ref[1], strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    plain = jnp.sum(w * dot_product_attention(q, k, v, bias=bias))
+    assert abs(float(plain - got[0])) > 1e-3  # the mask did drop something
+    # no key, or rate 0: no dropout
+    np.testing.assert_array_equal(dot_product_attention(q, k, v, bias=bias, dropout_rate=rate),
+                                  dot_product_attention(q, k, v, bias=bias, dropout_rng=key))
+
+
+def test_bad_shapes_and_rates_are_named():
+    q, k, v, _ = _qkv()
+    with pytest.raises(ValueError, match="expected q"):
+        dot_product_attention(q, k[:, :, :1], v)
+    with pytest.raises(ValueError, match="bias must be 4-D"):
+        dot_product_attention(q, k, v, bias=jnp.zeros((B, T)))
+    with pytest.raises(ValueError, match="dropout_rate"):
+        dot_product_attention(q, k, v, dropout_rate=1.0)
+
+
+def _stack_temp_bytes(attn, layers: int, shape: tuple[int, int, int, int]) -> int:
+    """Temp bytes of the input gradient of ``layers`` blocks ``x <- attn(q, k, v) + q k v`` (``q, k, v``
+    projections of ``x``): the product keeps ``q, k, v`` for its own gradient, as an adapted projection
+    that keeps its output does."""
+    b, t, h, d = shape
+
+    def f(x, W):
+        for i in range(layers):
+            q, k, v = (jnp.einsum("bthd,hde->bthe", x, W[i, j]) for j in range(3))
+            x = attn(q, k, v) + q * k * v
+        return jnp.sum(x * x)
+
+    x, W = jnp.ones(shape), jnp.full((layers, 3, h, d, d), 0.01)
+    return int(jax.jit(jax.grad(f)).lower(x, W).compile().memory_analysis().temp_size_in_bytes)
+
+
+def test_backward_keeps_the_probabilities_and_shares_q_k_v():
+    """Per block, the backward pass keeps one ``(B, H, T, T)`` tensor and ``q, k, v`` as they are (shared
+    with what others keep), not transposed copies of them: XLA's memory grows by at most
+    ``P + 4 (B, T, H, D) + 4 (B, H, T)`` per block (``jax.nn.dot_product_attention``'s XLA form: ~2.2x ``P``
+    more; without tying the backward's transposes to the cotangent: ~0.8x ``P`` more)."""
+    shape = (4, 64, 4, 16)
+    b, t, h, d = shape
+    P, qkv, row = b * h * t * t * 4, b * t * h * d * 4, b * h * t * 4
+    per_block = (_stack_temp_bytes(dot_product_attention, 6, shape)
+                 - _stack_temp_bytes(dot_product_attention, 2, shape)) / 4
+    assert per_block <= P + 4 * qkv + 4 * row, per_block / P
