@@ -97,21 +97,33 @@ def _rot_rows(Z: Array, C: Array, D: Array, sp: Array) -> Array:
     return Z + sp * ((Z @ C) @ D.T - (Z @ D) @ C.T)
 
 
-def _rotation_input(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
-    """The rotation's input ``z = x Z + b_z`` as weights: ``Z: (d_in, d_out)``, ``b_z: (d_out,)``."""
+def _rotation_thin(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
+    """``Z U`` and ``b_z``: the rotation's input ``z = x Z + b_z`` (``Z: (d_in, d_out)``: ``W`` (Pre-Ortho),
+    ``W + s A B`` (Post-Ortho), ``W diag(d) + s A B`` (SORA)) times ``U = [C, D]: (d_out, 2 r_p)``, from the
+    factors (``(d_in, 2 r_p)``, ``Z`` itself is never formed)."""
+    U = jnp.concatenate([lv["C"], lv["D"]], axis=1)
     if method == "pre_ortho":
-        return W, b
+        return W @ U, b
     if method == "post_ortho":
-        return W + lv["A"] @ lv["Bs"], b
-    return W * lv["d"] + lv["A"] @ lv["Bs"], None if b is None else lv["d"] * b  # sora
+        return W @ U + lv["A"] @ (lv["Bs"] @ U), b
+    return W @ (lv["d"][:, None] * U) + lv["A"] @ (lv["Bs"] @ U), None if b is None else lv["d"] * b  # sora
 
 
 def _conditioned(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
     """``(W', b')`` of SPEC section 2 (:func:`sora_jax.methods.condition`) from the layer's leaves
-    (``Bs = s B``; DoRA's ``k = m / n``; ``sp``). ``W': (d_in, d_out)``, formed once per step in
-    ``O(d_in d_out (r + 2 r_p))``, never differentiated."""
-    rot = functools.partial(_rot_rows, C=lv["C"], D=lv["D"], sp=lv["sp"]) if method in ROTATING else None
-    return condition(method, W, b, lv["A"] @ lv["Bs"], d=lv.get("d"), dora_scale=lambda _: lv["k"], rot=rot)
+    (``Bs = s B``; DoRA's ``k = m / n``; ``sp``). ``W': (d_in, d_out)``, formed in
+    ``O(d_in d_out (r + 2 r_p))``, never differentiated. With a rotation, ``Z R = Z + s_p ((Z C) D^T - (Z D) C^T)``
+    is folded into one thin product: ``W' = W_0 + [A, s_p Z C, -s_p Z D] [Bs; D^T; C^T]`` (``W_0 = W diag(d)``
+    for SORA, else ``W``; Pre-Ortho: ``W R + s A B`` with ``Z = W``), two passes over ``(d_in, d_out)``."""
+    if method not in ROTATING:
+        return condition(method, W, b, lv["A"] @ lv["Bs"], d=lv.get("d"), dora_scale=lambda _: lv["k"])
+    C, D, sp = lv["C"], lv["D"], lv["sp"]
+    r_p = C.shape[1]
+    ZU, bz = _rotation_thin(method, W, b, lv)
+    left = jnp.concatenate([lv["A"], sp * ZU[:, :r_p], -sp * ZU[:, r_p:]], axis=1)
+    right = jnp.concatenate([lv["Bs"], D.T, C.T], axis=0)
+    base = W * lv["d"] if method == "sora" else W
+    return base + left @ right, None if bz is None else _rot_rows(bz, C, D, sp)
 
 
 # the methods whose gradient needs the frozen layer's own output (``d``'s, DoRA's ``k``'s): the fused form
@@ -130,9 +142,8 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
     A = lv["A"]
     thin = [A]
     if method in ROTATING:
-        U = jnp.concatenate([lv["C"], lv["D"]], axis=1)  # (d_out, 2 r_p)
-        Z, bz = _rotation_input(method, W, b, lv)
-        thin.append(Z @ U)
+        ZU, bz = _rotation_thin(method, W, b, lv)  # (d_in, 2 r_p)
+        thin.append(ZU)
     Weff, beff = _conditioned(method, W, b, lv)
     if method in OUTPUT_KEPT:
         kappa = recovery_kappa(method, {"W": W, **lv}, Weff)
@@ -146,7 +157,7 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
     parts = jnp.split(hz, list(itertools.accumulate(widths))[:-1], axis=1)
     res["h"] = parts[0]
     if method in ROTATING:
-        res["ac"] = parts[1] if bz is None else parts[1] + bz @ U
+        res["ac"] = parts[1] if bz is None else parts[1] + bz @ jnp.concatenate([lv["C"], lv["D"]], axis=1)
     if method in OUTPUT_KEPT:
         pk = parts[-1]
         res["p_idx"] = pk if b is None or method == "dora" else pk + b[res["idx"]]
@@ -212,8 +223,7 @@ def recovery_kappa(method: str, lv: dict[str, Array], Weff: Array) -> Array:
     e = _colnorm_lowrank(A, Bs)
     if method == "sora":
         C, D, sp = lv["C"], lv["D"], lv["sp"]
-        U = jnp.concatenate([C, D], axis=1)
-        ZU = W @ (d[:, None] * U) + A @ (Bs @ U)  # Z U, Z = W diag(d) + A Bs
+        ZU = _rotation_thin(method, W, None, lv)[0]  # Z U, Z = W diag(d) + A Bs
         e = e + _colnorm_lowrank(ZU, sp * jnp.concatenate([D.T, -C.T], axis=0))
     num = colnorm(Weff) + e
     den = jnp.abs(d) * colnorm(W)
@@ -294,9 +304,9 @@ def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array |
         x, act_vjp = jax.vjp(activation(act), after(x, G))
     grads: dict[str, Array] = {}
     Weff, beff = None, None
-    if fused:  # W' formed again, from inputs tied to G: not the forward's W' kept alive until here
-        Wt, bt, lvt = jax.tree.map(lambda t: after(t, G), (W, b, {k: res[k] for k in _LEAVES if k in res}))
-        Weff, beff = _conditioned(method, Wt, bt, lvt)
+    if fused:  # W' formed again from leaves tied to G (not the forward's W', kept alive until here)
+        lvt = {k: after(res[k], G) for k in _LEAVES if k in res}
+        Weff, beff = _conditioned(method, W, b, lvt)
     if method in ROTATING:
         C, D, sp, ac = res["C"], res["D"], res["sp"], res["ac"]
         r_p = C.shape[1]

@@ -50,6 +50,29 @@ def test_values_and_gradients_match_jax_nn(kind: str):
         np.testing.assert_allclose(a, b, **TOL, err_msg=name)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_heads_and_a_boolean_mask_match_jax_nn(kv_heads: int):
+    """Grouped-query attention (4 query heads reading ``kv_heads`` key/value heads) with a causal and
+    key-padding boolean mask, plus a per-head bias: values and gradients as autodiff of jax.nn's."""
+    ks = jax.random.split(jax.random.key(5), 5)
+    q, w = (jax.random.normal(kk, (B, T, 4, D)) for kk in ks[:2])
+    k, v = (jax.random.normal(kk, (B, T, kv_heads, D)) for kk in ks[2:4])
+    bias = jax.random.normal(ks[4], (1, 4, T, T))
+    pad = np.ones((B, T), bool)
+    pad[1, 6:] = False
+    mask = jnp.tril(jnp.ones((T, T), bool))[None, None] & jnp.asarray(pad)[:, None, None, :]
+
+    def loss(attn):
+        return lambda q, k, v, b: jnp.sum(w * attn(q, k, v, bias=b, mask=mask, scale=0.3))
+
+    ours = jax.value_and_grad(loss(dot_product_attention), (0, 1, 2, 3))(q, k, v, bias)
+    ref = jax.value_and_grad(loss(jax.nn.dot_product_attention), (0, 1, 2, 3))(q, k, v, bias)
+    np.testing.assert_allclose(ours[0], ref[0], **TOL)
+    for name, a, b in zip("qkvb", ours[1], ref[1], strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 1e-3, name
+        np.testing.assert_allclose(a, b, **TOL, err_msg=name)
+
+
 def test_dropout_is_the_explicit_formula_with_the_same_mask():
     q, k, v, w = _qkv(1)
     bias, rate, key = _bias("padding"), 0.25, jax.random.key(3)
@@ -77,9 +100,13 @@ def test_dropout_is_the_explicit_formula_with_the_same_mask():
 def test_bad_shapes_and_rates_are_named():
     q, k, v, _ = _qkv()
     with pytest.raises(ValueError, match="expected q"):
-        dot_product_attention(q, k[:, :, :1], v)
+        dot_product_attention(q, k[..., :1], v)
+    with pytest.raises(ValueError, match="K dividing H"):
+        dot_product_attention(jnp.zeros((B, T, 3, D)), k, v)  # 3 query heads, 2 key/value heads
     with pytest.raises(ValueError, match="bias must be 4-D"):
         dot_product_attention(q, k, v, bias=jnp.zeros((B, T)))
+    with pytest.raises(ValueError, match="mask must be 4-D"):
+        dot_product_attention(q, k, v, mask=jnp.ones((B, 1, T, T + 1), bool))
     with pytest.raises(ValueError, match="dropout_rate"):
         dot_product_attention(q, k, v, dropout_rate=1.0)
 

@@ -1,9 +1,11 @@
 """Scaled dot-product attention with a hand-written backward pass that keeps one ``(B, H, T, S)`` tensor.
 
-``O = drop(softmax(Q K^T * scale + bias)) V`` per head, ``Q: (B, T, H, D)``, ``K, V: (B, S, H, D)``,
-``bias`` additive and broadcastable to ``(B, H, T, S)``, ``drop`` dropout on the probabilities (rate
-``p``: ``P * M / (1 - p)``, ``M`` a Bernoulli keep mask); without dropout the same layout and values as
-:func:`jax.nn.dot_product_attention` (logits and softmax in float32, probabilities cast to ``V``'s dtype).
+``O = drop(softmax(Q K^T * scale + bias)) V`` per head, ``Q: (B, T, H, D)``, ``K, V: (B, S, K, D)`` with
+``K`` dividing ``H`` (grouped-query attention: query head ``h`` reads key/value head ``h // (H / K)``),
+``bias`` additive and broadcastable to ``(B, H, T, S)`` (a boolean ``mask`` becomes ``0`` / the float32
+minimum), ``drop`` dropout on the probabilities (rate ``p``: ``P * M / (1 - p)``, ``M`` a Bernoulli keep
+mask); without dropout the same layout and values as :func:`jax.nn.dot_product_attention` (logits and
+softmax in float32, probabilities cast to ``V``'s dtype).
 
 Autodiff of that function (its XLA form) keeps, per call, three float32 ``(B, H, T, S)`` tensors and
 transposed copies of ``Q``, ``K`` and ``V`` for the backward pass. This one keeps the probabilities
@@ -36,12 +38,13 @@ def _dropped(probs: Array, keep: Array | None, rate: float) -> Array:
     return probs if keep is None else jnp.where(keep, probs / (1.0 - rate), 0).astype(probs.dtype)
 
 
+# Heads grouped: q and dq are (B, T, K, G, D), P and the bias (B, K, G, T, S), k, v (B, S, K, D).
 def _forward(q: Array, k: Array, v: Array, bias: Array | None, keep: Array | None, scale: float, rate: float):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", _dropped(probs, keep, rate), v), probs
+    return jnp.einsum("bkgts,bskd->btkgd", _dropped(probs, keep, rate), v), probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -59,12 +62,12 @@ def _attention_bwd(scale: float, rate: float, res, g: Array):
     q, k, v, bias, keep, probs = res
     q, k, v, probs = (after(t, g) for t in (q, k, v, probs))
     f32 = jnp.float32
-    dv = jnp.einsum("bhqk,bqhd->bkhd", _dropped(probs, keep, rate), g.astype(probs.dtype)).astype(v.dtype)
-    dp = _dropped(jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=f32), keep, rate)
+    dv = jnp.einsum("bkgts,btkgd->bskd", _dropped(probs, keep, rate), g.astype(probs.dtype)).astype(v.dtype)
+    dp = _dropped(jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=f32), keep, rate)
     p32 = probs.astype(f32)
     ds = p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))  # cotangent of the logits (scaled, biased)
-    dq = (jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(f32)) * scale).astype(q.dtype)
-    dk = (jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(f32)) * scale).astype(k.dtype)
+    dq = (jnp.einsum("bkgts,bskd->btkgd", ds, k.astype(f32)) * scale).astype(q.dtype)
+    dk = (jnp.einsum("bkgts,btkgd->bskd", ds, q.astype(f32)) * scale).astype(k.dtype)
     dbias = None
     if bias is not None:  # dead code unless the bias is differentiated
         axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and ds.shape[i] != 1)
@@ -76,22 +79,33 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dot_product_attention(
-    q: Array, k: Array, v: Array, bias: Array | None = None, scale: float | None = None, *,
-    dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+    q: Array, k: Array, v: Array, bias: Array | None = None, mask: Array | None = None,
+    scale: float | None = None, *, dropout_rate: float = 0.0, dropout_rng: Array | None = None,
 ) -> Array:
     """``drop(softmax(Q K^T * scale + bias)) V`` per head (module docstring): ``q: (B, T, H, D)``,
-    ``k, v: (B, S, H, D)``, ``bias`` 4-D, broadcastable to ``(B, H, T, S)``; ``scale`` defaults to
-    ``D ** -0.5``. Dropout on the probabilities when ``dropout_rng`` is given and ``dropout_rate > 0``.
-    Returns ``(B, T, H, D)``."""
-    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"expected q (B, T, H, D) and k, v (B, S, H, D); got {q.shape}, {k.shape}, {v.shape}")
-    if bias is not None and bias.ndim != 4:
-        raise ValueError(f"bias must be 4-D, broadcastable to (B, H, T, S); got shape {bias.shape}")
+    ``k, v: (B, S, K, D)`` (``K`` divides ``H``), ``bias`` (additive) and ``mask`` (boolean, True = attend)
+    4-D, broadcastable to ``(B, H, T, S)``; ``scale`` defaults to ``D ** -0.5``. Dropout on the
+    probabilities when ``dropout_rng`` is given and ``dropout_rate > 0``. Returns ``(B, T, H, D)``."""
+    if not (q.ndim == k.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+            and q.shape[2] % k.shape[2] == 0):
+        raise ValueError("expected q (B, T, H, D) and k, v (B, S, K, D) with K dividing H; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
+    G = H // K
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is not None and (t.ndim != 4 or any(n not in (1, m) for n, m in zip(t.shape, (B, H, T, S), strict=True))):
+            raise ValueError(f"{name} must be 4-D, broadcastable to (B, H, T, S) = {(B, H, T, S)}; got {t.shape}")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if mask is not None:
+        masked = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
+        bias = masked if bias is None else bias.astype(jnp.float32) + masked
+    if bias is not None:  # (B|1, H|1, T|1, S|1) -> (B|1, K|1, G|1, T|1, S|1)
+        b0, h0, t0, s0 = bias.shape
+        bias = bias.reshape(b0, 1, 1, t0, s0) if h0 == 1 else bias.reshape(b0, K, G, t0, s0)
     keep = None
     if dropout_rng is not None and dropout_rate > 0.0:
-        B, T, H, _ = q.shape
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (B, H, T, k.shape[1]))
-    return _attention(q, k, v, bias, keep, float(q.shape[-1] ** -0.5 if scale is None else scale),
-                      float(dropout_rate))
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (B, H, T, S)).reshape(B, K, G, T, S)
+    out = _attention(q.reshape(B, T, K, G, D), k, v, bias, keep, float(D**-0.5 if scale is None else scale),
+                     float(dropout_rate))
+    return out.reshape(B, T, H, D)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, default_dense
 
 Array = jax.Array
@@ -231,8 +232,6 @@ class LlamaAttention(_Block):
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool = True) -> Array:
         """``x: (batch, seq, hidden)``, ``mask: (batch, 1, seq, seq)`` bool (True = attend)."""
         c = self.config
-        if c.attention_dropout > 0 and not deterministic:
-            raise NotImplementedError("Attention dropout is not implemented; set attention_dropout=0.0 in the config.")
         b, t, _ = x.shape
         q = self.linear(c.num_attention_heads * c.head_dim, c.attention_bias, "q_proj")(x)
         k = self.linear(c.num_key_value_heads * c.head_dim, c.attention_bias, "k_proj")(x)
@@ -241,7 +240,9 @@ class LlamaAttention(_Block):
         k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
         # Logits and softmax in float32; query head h reads key/value head h // (heads / kv_heads).
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim**-0.5)
+        rng = None if deterministic or c.attention_dropout == 0.0 else self.make_rng("dropout")
+        out = dot_product_attention(q, k, v, mask=mask, scale=c.head_dim**-0.5, dropout_rate=c.attention_dropout,
+                                    dropout_rng=rng)
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         return self.linear(c.hidden_size, c.attention_bias, "o_proj")(out)
 
