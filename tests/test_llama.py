@@ -318,3 +318,26 @@ def test_save_pretrained_then_load_pretrained(case, tmp_path):
     cls = load_pretrained(tmp_path, task="sequence_classification", num_labels=3)
     assert cls.report["initialized"] == ["score/kernel"]
     np.testing.assert_array_equal(cls.params["model"]["norm"]["scale"], model.model.norm.weight.detach().numpy())
+
+
+def test_attention_dropout_in_training():
+    """``attention_dropout`` drops attention probabilities when not deterministic: a key decides the mask
+    (same key, same logits; another key, others), the mask keeps causality (a changed last token leaves
+    the other positions as they were), and deterministic runs ignore it."""
+    config = hf_config(attention_dropout=0.5)
+    module = llama.build(config, "causal_lm")
+    ids, mask = padded_batch()
+    params = module.init(jax.random.key(0), jnp.asarray(ids))["params"]
+
+    def run(ids, key=None):
+        kw = {} if key is None else {"deterministic": False, "rngs": {"dropout": key}}
+        return np.asarray(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), **kw)["logits"])
+
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    a = run(ids, k1)
+    np.testing.assert_array_equal(a, run(ids, k1))
+    assert np.abs(a - run(ids, k2)).max() > 1e-2
+    assert np.abs(a - run(ids)).max() > 1e-2
+    changed = ids.copy()
+    changed[0, -1] = ids[0, -1] % 127 + 1
+    np.testing.assert_allclose(run(changed, k1)[0, :-1], a[0, :-1], rtol=1e-6, atol=1e-6)
