@@ -98,9 +98,21 @@ def test_end_to_end_results_and_merged_export(tmp_path: Path, tiny_model_dir: Pa
     assert all(set(v) == {"entropy", "effective_rank", "stable_rank"} for v in res["spectrum"].values())
     per_layer = lambda d_in, d_out: 16 * (d_in + d_out) + 3 * d_out  # noqa: E731
     adapter_n = 2 * (4 * per_layer(32, 32) + per_layer(32, 64) + per_layer(64, 32))
-    assert res["parameters"]["trainable"] == adapter_n + 32 * 2 + 2
+    # the head: the classifier and the pooler (dense 32 x 32 + bias), trained in full by default
+    assert res["parameters"]["trainable"] == adapter_n + 32 * 2 + 2 + 32 * 32 + 32
+    assert res["config"]["adapter"]["modules_to_save"] == ["classifier", "pooler"]
     assert 0 < res["parameters"]["percent"] < 100
     assert {"median_s", "p10_s", "p90_s", "compile_s"} <= set(res["timing"])
+    assert f"of it compiling {res['timing']['compile_s']:.1f} s" in proc.stdout  # the summary line
+    # per-step metrics as they happened: one line per optimizer step, one per evaluation
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all(np.isfinite(r["loss"]) and r["examples_per_s"] > 0 for r in steps)
+    assert steps[0]["lr"] == 0.0 and max(r["lr"] for r in steps) == pytest.approx(5e-3)  # warm-up, then decay
+    evals = [r for r in log if "eval" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
+    assert evals[-1]["eval"]["main"] == res["history"][-1]["main"]
     assert res["versions"]["jax"] and res["devices"]
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "8"]
@@ -195,3 +207,71 @@ def test_resume_guards(glue_cli, capsys, tmp_path: Path, tiny_model_dir: Path, m
     again = json.loads((out / "results.json").read_text())
     assert again["history"] == first["history"] and again["resumed_from_step"] == 6
     assert again["timing"]["n"] == 0 and again["timing"]["compiles"] == 0
+
+
+def test_compile_cache_second_run_compiles_nothing(tmp_path: Path, tiny_model_dir: Path, mrpc_dir: Path):
+    """A second process with the same configuration loads every train step from the persistent cache:
+    it adds no train-step entry to the cache directory; ``--compile-cache none`` writes nothing."""
+    cache = tmp_path / "jit"
+
+    def run(out: str, *extra: str) -> None:
+        argv = tiny_args(tiny_model_dir, mrpc_dir, tmp_path / out, "--method", "lora", "--epochs", "1", "--no-progress")
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), *argv, *extra], capture_output=True, text=True, cwd=tmp_path, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def train_entries() -> set[str]:
+        return {p.name for p in cache.glob("jit__train_step-*")}
+
+    run("a", "--compile-cache", str(cache))
+    first = train_entries()
+    assert first  # one entry per batch shape
+    run("b", "--compile-cache", str(cache))
+    assert train_entries() == first
+    run("c", "--compile-cache", "none")
+    assert train_entries() == first
+
+
+def test_compile_cache_unwritable_is_one_clear_error(glue_cli, capsys, tmp_path: Path, tiny_model_dir: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    argv = tiny_args(tiny_model_dir, tmp_path, tmp_path / "out", "--compile-cache", str(blocker / "cache"))
+    assert glue_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"compilation cache directory {blocker / 'cache'} is not writable" in err and "--compile-cache none" in err
+
+
+def test_metrics_log_resume_drops_lines_past_the_checkpoint(glue_cli, tmp_path: Path):
+    info = lambda step: glue_cli.train.StepInfo(step, 0, step - 1, 10, 0.5, 0.1, 8)  # noqa: E731
+    log = glue_cli.MetricsLog(tmp_path, 0)
+    for step in range(1, 6):
+        log.step(info(step), 1e-3)
+    log.close()
+    log = glue_cli.MetricsLog(tmp_path, 3)  # resumed from the checkpoint at step 3
+    log.step(info(4), 1e-3)
+    log.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_tensorboard_report(glue_cli, tmp_path: Path):
+    info = glue_cli.train.StepInfo(1, 0, 0, 10, 0.5, 0.1, 8)
+    log = glue_cli.MetricsLog(tmp_path, 0, tensorboard=True)
+    log.step(info, 1e-3)
+    log.epoch({"epoch": 1, "step": 1, "train_loss": 0.5, "main": 0.7})
+    log.close()
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+        raw = path.read_bytes()
+        i = 0
+        while i < len(raw):  # TFRecord: u64 length, u32 crc, data, u32 crc
+            n = int.from_bytes(raw[i : i + 8], "little")
+            event = event_pb2.Event.FromString(raw[i + 12 : i + 12 + n])
+            i += 16 + n
+            for v in event.summary.value:
+                scalars[v.tag] = (event.step, v.simple_value)
+    assert {"train/loss", "train/lr", "train/examples_per_s", "eval/main"} <= set(scalars)
+    assert scalars["eval/main"][0] == 1 and scalars["eval/main"][1] == pytest.approx(0.7)
