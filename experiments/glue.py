@@ -764,13 +764,14 @@ USER_ERRORS = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # warnings (a damaged checkpoint skipped) as one line each
-    warnings.formatwarning = lambda message, category, *_, **__: f"glue.py: warning: {message}\n"
     try:
         compile_cache.enable(args.compile_cache)
     except OSError as e:
         print(f"glue.py: error: {e}", file=sys.stderr)
         return 2
+    # warnings (a damaged checkpoint skipped) as one line each
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: f"glue.py: warning: {message}\n"
     try:
         if args.grid:
             run_grid(args)
@@ -779,6 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"glue.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 
