@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -42,9 +44,10 @@ import jax  # noqa: E402
 
 import sora_jax  # noqa: E402
 from sora_jax import compile_cache, train  # noqa: E402
-from sora_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from sora_jax.checkpoint import Checkpointer, CheckpointError, ConfigMismatchError  # noqa: E402
 from sora_jax.config import PAPER_TARGETS  # noqa: E402
 from sora_jax.data import glue as data  # noqa: E402
+from sora_jax.io import stale_temporaries  # noqa: E402
 
 METHODS = ("full", *sora_jax.METHODS)
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
@@ -113,7 +116,7 @@ def _positive(kind: type) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
 
@@ -166,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output and checkpoints")
     o.add_argument("--output-dir", default=None, help="default runs/<task>-<method>-<model>-lr<lr>-s<seed>")
     o.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    o.add_argument("--overwrite", action="store_true", help="delete the checkpoints already in --output-dir")
+    o.add_argument(
+        "--overwrite", action="store_true", help="start over: delete the checkpoints and outputs in --output-dir"
+    )
     o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at epoch ends)")
     o.add_argument("--keep", type=_positive(int), default=2, help="checkpoints kept")
     o.add_argument("--export-merged", action="store_true", help="also export a merged transformers checkpoint")
@@ -200,6 +205,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if not 0.0 <= args.lora_dropout < 1.0:
         parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if args.lrs and not all(math.isfinite(v) and v > 0 for v in args.lrs):
+        parser.error(f"--lrs must be positive finite numbers, got {args.lrs}")
     if args.save_every < 0:
         parser.error(f"--save-every must be >= 0, got {args.save_every}")
     if args.batch_size % args.grad_accum:
@@ -265,6 +274,97 @@ def run_config(args: argparse.Namespace, adapter_config: Any, train_config: trai
     cfg["adapter"] = None if adapter_config is None else adapter_config.to_dict()
     cfg["train"] = train_config.to_dict()
     return cfg
+
+
+# -- validation and the run's files -------------------------------------------------------------------
+class UsageError(ValueError):
+    """A flag, the device mesh or the output directory cannot be used (found before anything is loaded)."""
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """``out_dir`` is (or can be created as) a writable directory; probed with a file created and removed."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output-dir {out_dir} is a file, not a directory; pass a directory path")
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--output-dir {out_dir}: {probe} is a file, not a directory; pass a directory path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UsageError(
+            f"--output-dir {out_dir}: cannot write in {probe} ({e.strerror}); pass a writable directory"
+        ) from None
+
+
+def validate_run(args: argparse.Namespace, out_dir: Path) -> Any:
+    """Check what needs neither data nor model: the device mesh (returned, ``None`` without ``--mesh``) and the
+    output directory. Runs before anything is read, loaded, written or deleted."""
+    from sora_jax.sharding import make_mesh
+
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as e:
+        raise UsageError(f"--mesh: {e}") from None
+    check_output_dir(out_dir)
+    return mesh
+
+
+# a run's final outputs (written atomically; --overwrite removes them with the checkpoints)
+OUTPUTS = ("results.json", "dev_predictions.npz", "adapter", "merged")
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove the temporary files and directories an interrupted earlier run left in ``out_dir``."""
+    if not out_dir.is_dir():
+        return []
+    stale = [p for name in ("results.json", "dev_predictions.npz", "summary.json") for p in out_dir.glob(f".{name}.*")]
+    stale += [p for name in ("adapter", "merged") for p in stale_temporaries(out_dir / name)]
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
+
+
+def remove_previous_run(out_dir: Path) -> None:
+    """``--overwrite``: the checkpoints and final outputs of an earlier run in ``out_dir``."""
+    for name in ("checkpoints", *OUTPUTS):
+        p = out_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _lower(old: Any, new: Any) -> bool:
+    return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new < old
+
+
+def _tighter(old: Any, new: Any) -> bool:
+    return isinstance(new, (int, float)) and (old is None or (isinstance(old, (int, float)) and new < old))
+
+
+# optimizer settings a resumed run may change when the flag is given explicitly (after a NaN stop)
+RESUME_CHANGES = {"lr": _lower, "head_lr": _lower, "max_grad_norm": _tighter}
+
+
+def resume_changes(explicit: set[str]) -> dict[str, Any]:
+    """The ``Checkpointer(changeable=...)`` of the explicitly given optimizer flags (run config keys)."""
+    return {key: test for name, test in RESUME_CHANGES.items() if name in explicit for key in (name, f"train.{name}")}
 
 
 # -- one run -----------------------------------------------------------------------------------------
@@ -371,10 +471,12 @@ class MetricsLog:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate one configuration; returns (and writes) its results."""
+    explicit = {k for k in RESUME_CHANGES if getattr(args, k) is not None}
     lr_default, head_default = default_lrs(args.method)
     args.lr = args.lr if args.lr is not None else lr_default
     args.head_lr = args.head_lr if args.head_lr is not None else head_default
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
+    mesh = validate_run(args, out_dir)
     data_dir = args.data_dir if args.data_dir else data.find_data_dir()
     task = data.get_task(args.task)
 
@@ -436,13 +538,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     cfg = run_config(args, adapter_config, train_config)
     ckpt_dir = out_dir / "checkpoints"
-    if args.overwrite and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    checkpointer = Checkpointer(ckpt_dir, cfg, keep=args.keep, resume=args.resume)
-
-    from sora_jax.sharding import make_mesh
-
-    mesh = make_mesh(args.mesh)
+    if args.overwrite:
+        remove_previous_run(out_dir)
+    remove_stale_temporaries(out_dir)
+    try:
+        checkpointer = Checkpointer(
+            ckpt_dir, cfg, keep=args.keep, resume=args.resume, changeable=resume_changes(explicit)
+        )
+    except ConfigMismatchError as e:
+        raise ConfigMismatchError(
+            f"{e} (A resumed run may lower --lr / --head-lr or set a lower --max-grad-norm, given explicitly.)"
+        ) from None
     trainer = train.Trainer(
         model.apply,
         model.params,
@@ -516,6 +622,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checkpointer.close()
     wall = time.perf_counter() - t_start
     history = result.history
+    if not last_eval:  # a finished run resumed: its predictions again, so that every output is (re)written
+        do_eval(result.state)
     metric = "main"
     best = max(history, key=lambda h: h[metric])
     timing = result.timing()
@@ -534,8 +642,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "resumed_from_step": result.resumed_from,
         "spectrum": update_spectrum(trainer, result.state, model.params, TARGETS[model_type]),
     }
-    if last_eval:
-        np.savez(out_dir / "dev_predictions.npz", **last_eval)
+    save_npz_atomic(out_dir / "dev_predictions.npz", last_eval)
     adapter = trainer.adapter(result.state)
     if adapter is not None:
         sora_jax.save_adapter(jax.device_get(adapter), out_dir / "adapter")
@@ -645,6 +752,7 @@ def summary_markdown(task: str, summary: dict[str, Any]) -> str:
 
 # problems with the user's input or files: reported as one line, exit status 2
 USER_ERRORS = (
+    UsageError,
     data.GlueDataError,
     CheckpointError,
     sora_jax.AdapterError,
@@ -661,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"glue.py: error: {e}", file=sys.stderr)
         return 2
+    # warnings (a damaged checkpoint skipped) as one line each
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: f"glue.py: warning: {message}\n"
     try:
         if args.grid:
             run_grid(args)
@@ -669,6 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"glue.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 

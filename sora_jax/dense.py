@@ -12,6 +12,10 @@ The same layer as :func:`sora_jax.apply_adapter` (SPEC section 2), for ``x: (N, 
 | post_ortho | ``(y + b + u) R``                        |
 | sora       | ``(d * (y + b) + u) R``                  |
 
+With LoRA dropout (``xd = drop(x)``, ``u = s xd A B``) DoRA is PEFT's (and the DoRA paper's code's)
+``y + b + (m / n - 1) (xd W) + (m / n) u``: the magnitude's correction sees the dropped input too; without
+dropout that is the table's form.
+
 ``z R = z + ((z U) Phi) U^T`` (``taylor``: ``z + s_p ((z C) D^T - (z D) C^T)``). DoRA's column norm
 comes from the factors: ``n_j^2 = ||w_j||^2 + 2 s (W^T A B)_jj + s^2 ||(A B)_j||^2``, which costs
 ``O(r d_in d_out)`` once per step, not per token, and is a constant of the backward pass
@@ -26,7 +30,8 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   ``fused=True``) so that the forward is one matmul
   ``x W' + b'`` and the input gradient one matmul ``G W'^T``, as in the frozen layer; the gradients of
   ``d`` and DoRA's ``m``, which need the frozen layer's own output, recover it from the kept output
-  (:func:`_frozen_colsum`; the few worst-conditioned output features are computed exactly instead);
+  (:func:`_frozen_colsum`; the few worst-conditioned output features are computed exactly instead, and in a
+  step with more ill-conditioned features than that, the whole frozen output, under ``lax.cond``);
 - takes every thin product of ``x`` in one pass (``x [A, Z C, Z D]``, ``Z`` the rotation's input
   weight) and the LoRA and rotation terms of the output in one thin matmul;
 - computes each thin weight gradient ``X^T G`` (``X: (N, k)``, ``G: (N, d)``, ``k`` = r or r_p) as
@@ -169,7 +174,13 @@ def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[st
 
 
 def _frozen_colsum(
-    method: str, G: Array, res: dict, hG: Array, acG: Array | None, beff: Array | None = None
+    method: str,
+    G: Array,
+    res: dict,
+    hG: Array,
+    acG: Array | None,
+    beff: Array | None = None,
+    x: Array | None = None,
 ) -> Array:
     """``colsum(G * p)`` with ``p = x W + b`` (Pre-Diag, SORA: ``d``'s gradient) or ``p = v = x (W + s A B)``
     (DoRA: ``k``'s gradient), ``G: (N, d_out)`` -> ``(d_out,)``; ``beff``: the effective bias ``b'``.
@@ -186,7 +197,9 @@ def _frozen_colsum(
     The :data:`EXACT_COLUMNS` worst-conditioned features take ``p`` from the forward instead (``x W`` of
     those columns, in the forward's thin pass). If more features than that are ill-conditioned
     (``kappa_j >`` :data:`KAPPA`: a diagonal entry near 0, an update that dwarfs its frozen column, DoRA's
-    ``m_j = 0``), their gradient is NaN rather than imprecise: train such a layer with ``fused=False``."""
+    ``m_j = 0``), that step computes ``p = x W`` (``+ b``; DoRA ``+ h Bs``) in full under :func:`jax.lax.cond`
+    (``x: (N, d_in)``, the layer's input) and takes their gradients from it: exact, never NaN, at the cost of
+    one frozen matmul in those steps only."""
     b, Bs = res["b"], res["Bs"]
     if "y" in res:  # unfused
         if method == "dora":
@@ -204,10 +217,21 @@ def _frozen_colsum(
             C, D, sp = res["C"], res["D"], res["sp"]
             r_p = C.shape[1]
             known = known + sp * jnp.sum(acG[:r_p] * D.T - acG[r_p:] * C.T, axis=0)
-    idx = res["idx"]
+    idx, covered = res["idx"], res["covered"]
     exact = jnp.sum(jnp.take(G, idx, axis=1) * res["p_idx"], axis=0)
     pG = ((q - known) / scale).at[idx].set(exact)
-    return jnp.where(res["covered"], pG, jnp.nan)
+
+    def frozen_exact() -> Array:  # colsum(G p) from p itself: one more frozen matmul
+        p = x @ res["W"]
+        if method == "dora":
+            p = p + res["h"] @ Bs
+        elif b is not None:
+            p = p + b
+        return jnp.sum(G * p, axis=0)
+
+    # a runtime branch: only the steps with more ill-conditioned features than exact columns take it
+    full = jax.lax.cond(jnp.all(covered), lambda: jnp.zeros_like(pG), frozen_exact)
+    return jnp.where(covered, pG, full)
 
 
 def recovery_kappa(method: str, lv: dict[str, Array], Weff: Array) -> Array:
@@ -270,7 +294,12 @@ def _layer_fwd(
         return p + u, res
     res["y"] = y
     if method == "dora":
-        out = lv["k"] * (y + u)
+        k = lv["k"]
+        if xd is None:
+            out = k * (y + u)
+        else:  # PEFT's form: y + (k - 1) xd W + k u (dropout on the magnitude's input as well)
+            yd = res["y"] = xd @ W
+            out = y + (k - 1) * yd + k * u
         return (out if b is None else out + b), res
     if method == "prediag":
         return lv["d"] * p + u, res
@@ -304,6 +333,7 @@ def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array |
         x, act_vjp = jax.vjp(activation(act), after(x, G))
     grads: dict[str, Array] = {}
     Weff, beff = None, None
+    dyd = None  # DoRA with dropout: the cotangent of ``xd W``
     if fused:  # W' formed again from leaves tied to G (not the forward's W', kept alive until here)
         lvt = {k: after(res[k], G) for k in _LEAVES if k in res}
         Weff, beff = _conditioned(method, W, b, lvt)
@@ -349,24 +379,29 @@ def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array |
             else:
                 d = res["d"]
                 dx = G @ (W * d).T + GU @ ((Q * d) @ W.T)
-                grads["d"] = _frozen_colsum(method, G, res, hG, acG, beff) + jnp.sum(Q * GUp, axis=0)
+                grads["d"] = _frozen_colsum(method, G, res, hG, acG, beff, x) + jnp.sum(Q * GUp, axis=0)
                 dp = d * (G + GU @ Q)
     else:
         hG = _tdot(h, G)
         if method == "dora":
             k = res["k"]
-            dx = G @ (W * k).T
             dh = G @ (Bs * k).T
             grads["Bs"] = hG * k
-            grads["k"] = _frozen_colsum(method, G, res, hG, None, beff)
-            dp = k * G  # cotangent of y; the bias gets G
+            grads["k"] = _frozen_colsum(method, G, res, hG, None, beff, x)
+            if xd is None:
+                dx = G @ (W * k).T
+                dp = k * G  # cotangent of y; the bias gets G
+            else:  # out = y + (k - 1) xd W + k u: y's cotangent is G, xd W's (k - 1) G
+                dx = G @ W.T
+                dp = G
+                dyd = (k - 1) * G
         else:
             dh = G @ Bs.T
             grads["Bs"] = hG
             if method == "prediag":
                 d = res["d"]
                 dx = G @ (W * d).T
-                grads["d"] = _frozen_colsum(method, G, res, hG, None, beff)
+                grads["d"] = _frozen_colsum(method, G, res, hG, None, beff, x)
                 dp = d * G
             else:
                 dx = G @ W.T
@@ -376,10 +411,14 @@ def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array |
         dx, dxd = G @ Weff.T, None
     else:
         dxd = dh @ A.T
+        if dyd is not None:
+            dxd = dxd + dyd @ W.T
         if xd is None:
             dx, dxd = dx + dxd, None
     # cotangents of the frozen kernel and bias: dead code unless they are differentiated
     dW = jnp.dot(x.T, dp)
+    if dyd is not None:
+        dW = dW + jnp.dot(xd.T, dyd)
     db = None if b is None else jnp.sum(G if method == "dora" else dp, axis=0)
     if act is not None:
         dx = act_vjp(dx)[0]
@@ -450,10 +489,15 @@ def adapted_layer(
     activations; ``None`` chooses by shape (:func:`fuse_pays`). Both compute the same function.
     ``input_act``: the layer's input is ``act(x)`` for that activation (``sora_jax.models.ACTIVATIONS``);
     the backward keeps ``x`` (which the model keeps anyway for the activation's derivative) and recomputes
-    ``act(x)``, instead of keeping a second tensor (``(N, 4 hidden)`` in a transformer's FFN)."""
+    ``act(x)``, instead of keeping a second tensor (``(N, 4 hidden)`` in a transformer's FFN).
+
+    Precision: the layer computes in the wider of the activations' and the adapter leaves' dtypes (bfloat16
+    activations with a float32 adapter: float32, so that a small rotation or a diagonal near 1 is not lost
+    to bfloat16 rounding) and returns the activations' dtype, as PEFT does."""
     lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
-    dt = x.dtype
+    out_dt = x.dtype
+    dt = functools.reduce(jnp.promote_types, [v.dtype for v in leaves.values()], out_dt)
+    x = x.reshape(-1, x.shape[-1]).astype(dt)
     W = kernel.astype(dt)
     b = None if bias is None else bias.astype(dt)
     method = config.method
@@ -473,7 +517,7 @@ def adapted_layer(
         # forming W' is exact only in float32 (in bfloat16 a small update would round away)
         fused = fused and xd is None and dt == jnp.float32
         out = _layer(method, fused, input_act, x, W, b, xd, tail)
-    return out.reshape(*lead, out.shape[-1])
+    return out.reshape(*lead, out.shape[-1]).astype(out_dt)
 
 
 def fuse_pays(rows: int, d_in: int, d_out: int) -> bool:

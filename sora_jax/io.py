@@ -1,14 +1,18 @@
 """Saving and loading an adapter alone: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
 Arrays keep their dtype bit for bit; tensor names are ``<module path>/<leaf>``. Writes are atomic:
-files go to a temporary directory beside the target, which is then renamed into place.
+files go to a temporary directory beside the target, which then takes its place (an existing target is
+swapped out in one step on Linux, so it never goes missing).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,18 +28,51 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "sora-jax-adapter"
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def stale_temporaries(out: Path) -> list[Path]:
+    """The temporary directories that an interrupted :func:`atomic_directory` of ``out`` left beside it."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for kind in ("tmp", "old") for p in out.parent.glob(f".{out.name}.{kind}-*"))
+
+
 def atomic_directory(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into a fresh temporary directory, then move it to ``out_dir``.
 
-    An existing ``out_dir`` is replaced only after ``write`` succeeded; if ``write`` raises, ``out_dir``
-    is untouched and the temporary directory is removed.
+    An existing ``out_dir`` is replaced only after ``write`` succeeded, by swapping the two directories in one
+    atomic step where the system can (Linux), so that ``out_dir`` always exists, old or new, and is never half
+    written; elsewhere by two renames. If ``write`` raises, ``out_dir`` is untouched and the temporary directory
+    is removed. Temporaries left by an earlier, interrupted call are removed first.
     """
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(out):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
-        if out.exists():
+        if out.is_dir() and not out.is_symlink() and _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old contents
+        elif out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "d")
             os.replace(tmp, out)

@@ -48,7 +48,7 @@ import optax
 
 from sora_jax.adapter import Adapter, apply_adapter, init_adapter, path_str, saved_leaves
 from sora_jax.config import AdapterConfig
-from sora_jax.dense import EXACT_COLUMNS, adapted_dense
+from sora_jax.dense import adapted_dense
 
 Array = jax.Array
 PyTree = Any
@@ -62,7 +62,15 @@ HOST_KEYS = ("index",)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; training stopped before saving the bad state."""
+    """The training loss (or the trained state) became NaN or infinite; training stopped before saving the
+    bad state: every checkpoint holds finite numbers."""
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> Array:
+    """Whether every floating-point leaf of ``tree`` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +111,13 @@ class TrainConfig:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
-            raise ValueError(f"learning rates must be positive, got lr={self.lr}, head_lr={self.head_lr}")
+        for name in ("lr", "head_lr", "max_grad_norm"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v}")
+        for name in ("weight_decay", "eps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,9 +199,9 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     head_lr = config.lr if config.head_lr is None else config.head_lr
     labels = lambda t: {k: jax.tree.map(lambda _, k=k: "head" if k == "head" else "body", v) for k, v in t.items()}  # noqa: E731
     tx = optax.multi_transform({"body": adamw(config.lr), "head": adamw(head_lr)}, labels)
-    if config.max_grad_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
-    return tx
+    # the same state structure with and without clipping, so that a run can resume with a clip added
+    clip = optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
+    return optax.chain(clip, tx)
 
 
 # -- loss --------------------------------------------------------------------------------------------
@@ -516,9 +529,30 @@ def fit(
     step_times: list[float] = []
     compile_times: list[float] = []
 
+    def newest() -> str:
+        if checkpointer is None:
+            return ""
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        if last is None:
+            return "; no checkpoint was written before it"
+        return f"; the last good checkpoint (step {last}) in {checkpointer.directory} holds finite numbers and is kept"
+
+    def advice() -> str:
+        return (
+            ". Lower the learning rate or clip the gradient norm, and resume from the checkpoint (glue.py: "
+            "--resume with a lower --lr, or with --max-grad-norm 1.0; an optimizer-settings change that "
+            "run_config.json records) or restart"
+        )
+
     def save(next_epoch: int, next_index: int) -> None:
         if checkpointer is None:
             return
+        if not bool(_all_finite((state.trainable, state.opt_state))):
+            raise NonFiniteLossError(
+                f"the trained state holds NaN/inf values after step {step} (epoch {epoch + 1}; its loss was "
+                f"finite), so it is not saved{newest()}{advice()}"
+            )
         meta = {
             "step": step,
             "epoch": next_epoch,
@@ -541,21 +575,9 @@ def fit(
             (step_times if key in seen else compile_times).append(dt)
             seen.add(key)
             if not math.isfinite(loss):
-                where = ""
-                if checkpointer is not None:
-                    checkpointer.wait()
-                    last = checkpointer.latest_step()
-                    where = (
-                        f"; the last good checkpoint (step {last}) in {checkpointer.directory} is kept"
-                        if last is not None
-                        else "; no checkpoint was written before it"
-                    )
                 raise NonFiniteLossError(
                     f"training loss is {loss} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}/{len(batches)})"
-                    f"{where}. Lower the learning rate (or set max_grad_norm) and resume or restart. With DoRA, "
-                    "Pre-Diag or SORA on the fused activation path, a NaN also comes from a layer with more than "
-                    f"{EXACT_COLUMNS} output features whose diagonal or magnitude is near 0: set "
-                    "TrainConfig(fused=False)"
+                    f"{newest()}{advice()}"
                 )
             step += 1
             loss_sum += loss

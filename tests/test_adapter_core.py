@@ -354,7 +354,8 @@ def test_fused_gradients_recovered_from_the_output(method, regime, monkeypatch):
     "init": ``B = 0``, ``C = D`` (norms that are 0 in exact arithmetic); "calibrated": trained-looking
     leaves, every feature well conditioned; "degenerate": a zero diagonal / magnitude entry and a tiny one,
     or a column whose update dwarfs the frozen weight (exact columns); "beyond": more ill-conditioned
-    features than exact columns, whose gradients must be NaN, never silently imprecise.
+    features than exact columns, whose gradients the step then takes from the whole frozen output (exact,
+    never NaN: the fused path trains wherever the unfused one does).
     Against float32 autodiff of ``apply_adapter`` under jit: 1e-4 relative, 1e-5 of the largest gradient."""
     exact_columns = 3  # fewer than the test layers' 8 and 10 features
     monkeypatch.setattr(sj.dense, "EXACT_COLUMNS", exact_columns)
@@ -394,10 +395,6 @@ def test_fused_gradients_recovered_from_the_output(method, regime, monkeypatch):
         want = jax.grad(weight, argnums=(0, 1))(adapter, x)
         for name in adapter.layers[path]:
             g, w = np.asarray(got[0].layers[path][name]), np.asarray(want[0].layers[path][name])
-            if regime == "beyond" and name == scale:
-                nan = np.isnan(g)
-                assert nan.sum() == d_out - exact_columns, (path, g)
-                g, w = g[~nan], w[~nan]
             assert np.isfinite(g).all(), (path, name)
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=f"{path} {name}")
         np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-5)

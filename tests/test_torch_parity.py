@@ -139,3 +139,95 @@ def test_sora_against_pytorch_reference(big_factors):
     np.testing.assert_allclose(np.asarray(y_a), t2n(y_t), **TOL)
     for name in ("A", "B", "d", "C", "D"):
         np.testing.assert_allclose(np.asarray(g_a.layers["lin"][name]), grads[name], **GTOL, err_msg=name)
+
+
+def test_peft_dora_with_dropout_same_mask():
+    """DoRA with LoRA dropout is PEFT's ``W x + b + (g - 1) W drop(x) + g s B A drop(x)`` (``g = m / n``), on
+    the activation path, with the same dropout mask on both sides (PEFT's dropout module replaced by the mask
+    drawn from the layer's key). Outputs, adapter gradients and the input gradient; tolerances as above."""
+    p = 0.5
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        Net(), peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], lora_dropout=p, use_dora=True)
+    )
+    model.train()
+    lin = model.base_model.model.lin
+    with torch.no_grad():
+        lin.lora_B["default"].weight.normal_()
+        lin.lora_magnitude_vector["default"].weight.mul_(1 + 0.2 * torch.randn(D_OUT))
+    x_np = np.random.default_rng(0).normal(size=(N, D_IN)).astype(np.float32)
+    G_np = np.random.default_rng(1).normal(size=(N, D_OUT)).astype(np.float32)
+    key = jax.random.key(7)
+    # the mask adapted_dense draws for module "lin": bernoulli(fold_in(key, crc32(path)), 1 - p, x.shape)
+    import zlib
+
+    keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, zlib.crc32(b"lin")), 1 - p, x_np.shape))
+    assert 0 < keep.mean() < 1
+
+    class SameMask(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.from_numpy(keep.astype(np.float32) / (1 - p))
+
+    lin.lora_dropout["default"] = SameMask()
+    x = torch.from_numpy(x_np).requires_grad_(True)
+    y_t = model(x)
+    (y_t * torch.from_numpy(G_np)).sum().backward()
+
+    params = {"lin": {"kernel": jnp.asarray(t2n(lin.base_layer.weight).T), "bias": jnp.asarray(t2n(lin.base_layer.bias))}}
+    cfg = sj.AdapterConfig(method="dora", r=R, lora_alpha=ALPHA, lora_dropout=p, target_modules=["lin"])
+    adapter = sj.Adapter(cfg, {"lin": {
+        "A": jnp.asarray(t2n(lin.lora_A["default"].weight).T), "B": jnp.asarray(t2n(lin.lora_B["default"].weight).T),
+        "m": jnp.asarray(t2n(lin.lora_magnitude_vector["default"].weight)),
+    }})
+
+    def loss(ad, xj):
+        y = sj.adapted_dense(ad, dropout_rng=key)(("lin",), xj, params["lin"]["kernel"], params["lin"]["bias"])
+        return jnp.sum(y * jnp.asarray(G_np)), y
+
+    (_, y_j), (g, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(adapter, jnp.asarray(x_np))
+    np.testing.assert_allclose(np.asarray(y_j), t2n(y_t), **TOL)
+    np.testing.assert_allclose(np.asarray(g.layers["lin"]["A"]), t2n(lin.lora_A["default"].weight.grad).T, **GTOL)
+    np.testing.assert_allclose(np.asarray(g.layers["lin"]["B"]), t2n(lin.lora_B["default"].weight.grad).T, **GTOL)
+    np.testing.assert_allclose(
+        np.asarray(g.layers["lin"]["m"]), t2n(lin.lora_magnitude_vector["default"].weight.grad), **GTOL
+    )
+    np.testing.assert_allclose(np.asarray(gx), t2n(x.grad), **GTOL)
+
+
+@pytest.mark.parametrize("method", ["sora", "post_ortho"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_bf16_activations_keep_a_small_rotation(method, fused):
+    """bfloat16 activations and kernel with a float32 adapter whose rotation is small (``||C - D|| / ||C|| =
+    1e-3``, a diagonal 1 + O(1e-2)): the adapter's arithmetic must stay float32. Reference: float64 NumPy on the
+    same (bfloat16-valued) inputs. The layer returns bfloat16, whose rounding (~2e-3 of the output) is larger
+    than the rotation term itself (~1e-3), so the error is measured along the term: ``<out - out64, t64> /
+    <t64, t64>`` over 4096 x 384 outputs, where rounding noise averages to ~2e-3 / (1e-3 sqrt(1.5e6)) = 0.2 %;
+    the bar is 1 %. With the leaves cast to bfloat16 (the rotation computed in bfloat16) it was 22-34 %."""
+    rng = np.random.default_rng(0)
+    n, d = 4096, 384
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    W, b, x = bf(rng.normal(size=(d, d)) / np.sqrt(d)), bf(rng.normal(size=d)), bf(rng.normal(size=(n, d)))
+    r, s = 4, 1.0
+    A, B = 0.05 * rng.normal(size=(d, r)), 0.05 * rng.normal(size=(r, d))
+    C = rng.normal(size=(d, 1))
+    D = C + 1e-3 * np.linalg.norm(C) * rng.normal(size=(d, 1)) / np.sqrt(d)
+    dd = 1 + 0.01 * rng.normal(size=d)
+    cfg = sj.AdapterConfig(method=method, r=r, lora_alpha=r * s, rotation_rank=1, target_modules=["lin"])
+    leaves = {"A": A, "B": B, "C": C, "D": D} | ({"d": dd} if method == "sora" else {})
+    adapter = sj.Adapter(cfg, {"lin": {k: jnp.asarray(v, jnp.float32) for k, v in leaves.items()}})
+    # float64 reference from the float32 leaves' values
+    A, B, C, D = (np.asarray(adapter.layers["lin"][k], np.float64) for k in "ABCD")
+    z = x @ W + b
+    if method == "sora":
+        z = np.asarray(adapter.layers["lin"]["d"], np.float64) * z
+    z = z + s * (x @ A) @ B
+    sp = min(1.0, 1.0 / (np.linalg.norm(C) + np.linalg.norm(D) + 1e-6))
+    t = sp * ((z @ C) @ D.T - (z @ D) @ C.T)
+    assert 5e-4 < np.linalg.norm(t) / np.linalg.norm(z) < 2e-3  # a rotation below bfloat16's resolution
+    out = sj.adapted_dense(adapter, fused=fused)(
+        ("lin",), jnp.asarray(x, jnp.bfloat16), jnp.asarray(W, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    )
+    assert out.dtype == jnp.bfloat16
+    err = np.asarray(out, np.float64) - (z + t)
+    rel = abs(np.sum(err * t)) / np.sum(t * t)
+    assert rel < 0.01, rel

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,15 +287,26 @@ def tsv_path(task: str, split: str, data_dir: str | os.PathLike[str]) -> Path:
     return Path(data_dir) / spec.dir_name / f"{split}.tsv"
 
 
+# the score range of the regression tasks (STS-B: similarity from 0 to 5)
+LABEL_RANGE = {"stsb": (0.0, 5.0)}
+
+
 def _parse_label(spec: TaskSpec, raw: str, path: Path, line: int) -> int | float:
     if spec.is_regression:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise GlueDataError(
                 f"{path}, line {line}: unknown label value {raw!r} for task {spec.name!r}; expected a float "
                 f"score in column {spec.label_column}."
             ) from None
+        low, high = LABEL_RANGE.get(spec.name, (-np.inf, np.inf))
+        if not (math.isfinite(value) and low <= value <= high):
+            raise GlueDataError(
+                f"{path}, line {line}: label {raw!r} for task {spec.name!r} is not a finite score in "
+                f"[{low:g}, {high:g}] (column {spec.label_column}); fix or drop that row."
+            )
+        return value
     try:
         return spec.tsv_labels.index(raw)
     except ValueError:
@@ -302,6 +314,28 @@ def _parse_label(spec: TaskSpec, raw: str, path: Path, line: int) -> int | float
             f"{path}, line {line}: unknown label value {raw!r} for task {spec.name!r}; expected one of "
             f"{list(spec.tsv_labels)} in column {spec.label_column}. Is this the right file for the task?"
         ) from None
+
+
+def _decoded(reader: Any, path: Path) -> Iterator[list[str]]:
+    """The rows of ``reader``; a byte that is not UTF-8 is a :class:`GlueDataError` naming the file and line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            raw = path.read_bytes()  # decoded in chunks: find the line of the first bad byte in the whole file
+            try:
+                raw.decode("utf-8")
+                where, what = f"after line {reader.line_num}", "invalid"
+            except UnicodeDecodeError as e:
+                line = raw[: e.start].count(b"\n") + 1
+                where, what = f"line {line}", f"{raw[e.start : e.start + 1]!r}, {e.reason}"
+            raise GlueDataError(
+                f"{path}, {where}: not UTF-8 text (byte {what}); GLUE files are UTF-8: re-encode the file "
+                "(e.g. iconv -f latin1 -t utf-8)."
+            ) from None
+        yield row
 
 
 def read_tsv(task: str, split: str, data_dir: str | os.PathLike[str], max_samples: int | None = None) -> GlueSplit:
@@ -319,7 +353,7 @@ def read_tsv(task: str, split: str, data_dir: str | os.PathLike[str], max_sample
     n_fields: int | None = None
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for row in reader:
+        for row in _decoded(reader, path):
             if not row:  # blank line (e.g. a trailing empty line)
                 continue
             if n_fields is None:
@@ -344,6 +378,12 @@ def read_tsv(task: str, split: str, data_dir: str | os.PathLike[str], max_sample
             for out, col in zip(texts, spec.text_columns, strict=True):
                 out.append(row[col])
             labels.append(_parse_label(spec, row[spec.label_column], path, reader.line_num))
+    if not labels:
+        what = "is empty" if n_fields is None else "has a header but no rows" if spec.has_header else "has no rows"
+        raise GlueDataError(
+            f"{path} {what}: task {spec.name!r} needs labelled examples in its {split} split. Restore the file "
+            "(the GLUE TSV layout), or point --data-dir at a complete copy."
+        )
     dtype = np.float32 if spec.is_regression else np.int32
     return GlueSplit(
         spec.name,
