@@ -143,11 +143,11 @@ def select_modules(params: PyTree, config: AdapterConfig) -> dict[str, Module]:
     modules = find_modules(params, config)
     if not modules:
         names = ", ".join(
-            f"{n!r} ({'(d_in, d_out)' if o == 'io' else '(d_out, d_in)'})" for n, o in config.weight_leaves
+            f"{n!r} {'(d_in, d_out)' if o == 'io' else '(d_out, d_in)'}" for n, o in config.weight_leaves
         )
         raise AdapterError(
-            f"no weight leaf found in params: sora_jax adapts modules whose weight is a leaf named {names}, "
-            f"a sibling {config.bias_leaf!r} its bias; name yours with AdapterConfig(weight_leaves={{'w': 'io'}}, "
+            f"no weight leaf found in params: sora_jax adapts modules whose weight is a leaf named {names} "
+            f"(a sibling {config.bias_leaf!r} its bias); name yours with AdapterConfig(weight_leaves={{'w': 'io'}}, "
             f"bias_leaf='b') (a Flax NNX model: pass nnx.split(model)[1] or nnx.state(model))"
         )
     if config.target_modules is None:
