@@ -41,6 +41,8 @@ _LAZY = {
     "export_peft_adapter": "sora_jax.export",
     "load_peft_adapter": "sora_jax.peft_import",
     "LoadedAdapter": "sora_jax.peft_import",
+    "linen_activation_path": "sora_jax.intercept",
+    "nnx_activation_path": "sora_jax.intercept",
 }
 
 

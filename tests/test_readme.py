@@ -22,9 +22,10 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
 
 
-def test_the_section_has_the_four_examples():
+def test_the_section_has_every_example():
     blocks = _blocks()
-    for lib in ("flax.linen", "from flax import nnx", "equinox", "load_peft_adapter"):
+    for lib in ("flax.linen", "from flax import nnx", "equinox", "load_peft_adapter", "linen_activation_path",
+                "nnx_activation_path"):
         assert any(lib in b for b in blocks), lib
 
 
