@@ -39,6 +39,10 @@ _LAZY = {
     "CheckpointMismatchError": "sora_jax.hub",
     "export_merged": "sora_jax.export",
     "export_peft_adapter": "sora_jax.export",
+    "load_peft_adapter": "sora_jax.peft_import",
+    "LoadedAdapter": "sora_jax.peft_import",
+    "linen_activation_path": "sora_jax.intercept",
+    "nnx_activation_path": "sora_jax.intercept",
 }
 
 

@@ -1,10 +1,13 @@
 """The public adapter API over any parameter pytree: ``init_adapter``, ``apply_adapter``, ``merge``.
 
-A *module* is the parent of a leaf named ``kernel``; its path is the ``/``-joined pytree keys
-(dict keys, attribute names, sequence indices), so Flax linen/NNX state, Equinox modules and plain
-nested dicts all work. Kernels are ``W: (d_in, d_out)``; kernels with leading stacked axes
-``(..., d_in, d_out)`` (scanned layers) are adapted slice by slice with ``jax.vmap``. A sibling leaf
-named ``bias`` (``(..., d_out)``) is conditioned as SPEC section 2 says.
+A *module* is the parent of a weight leaf (``AdapterConfig.weight_leaves``: ``kernel`` ``(d_in, d_out)``,
+Flax; ``weight`` ``(d_out, d_in)``, PyTorch and Equinox); its path is the ``/``-joined pytree keys (dict
+keys, attribute names, sequence indices; see :func:`path_str`), so Flax linen and NNX state, Equinox
+modules, PyTorch-named state dicts and plain nested dicts all work. Each weight is read as a matrix
+``W: (*stacked, d_in, d_out)`` (:mod:`sora_jax.layout`: ``DenseGeneral`` kernels over several feature
+axes are one matrix; stacked, scanned layers are adapted slice by slice with ``jax.vmap``); a sibling
+bias leaf (``bias``) is conditioned as SPEC section 2 says. Every result has the params' own structure,
+shapes and dtypes.
 """
 
 from __future__ import annotations
@@ -12,15 +15,16 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from sora_jax import methods
-from sora_jax.config import AdapterConfig, AdapterError
+from sora_jax import layout, methods
+from sora_jax.config import DEFAULT_WEIGHT_LEAVES, AdapterConfig, AdapterError
+from sora_jax.layout import Layout
 
 Array = jax.Array
 PyTree = Any
@@ -66,34 +70,66 @@ def _key_str(k: Any) -> str:
 
 
 def path_str(keypath: Iterable[Any]) -> tuple[str, ...]:
-    """A ``jax.tree_util`` key path as a tuple of strings."""
-    return tuple(_key_str(k) for k in keypath)
+    """A ``jax.tree_util`` key path as a tuple of strings.
+
+    Dict keys holding dots are split at them (a PyTorch state dict's ``"encoder.layer.0.query.weight"``
+    reads as ``encoder/layer/0/query/weight``), and a trailing ``.value`` attribute (a Flax NNX
+    ``Variable`` in an ``nnx.State``) is dropped, so a leaf's path is the same in every container."""
+    keypath = list(keypath)
+    if keypath and isinstance(keypath[-1], GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
+    parts: list[str] = []
+    for k in keypath:
+        s = _key_str(k)
+        parts.extend(s.split(".") if isinstance(k, DictKey) and "." in s else [s])
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
 class Module:
-    """A module found in a parameter tree: its path and its kernel/bias leaves (or shape structs)."""
+    """A module found in a parameter tree: its path, its weight and bias leaves (arrays or shape structs)
+    as stored, the weight leaf's name and its feature order (``"io"``/``"oi"``, ``AdapterConfig.weight_leaves``),
+    the bias leaf's name and, once resolved for a config, its :class:`~sora_jax.layout.Layout`."""
 
     path: str
     kernel: Any
     bias: Any | None
+    weight_name: str = "kernel"
+    order: str = "io"
+    bias_name: str = "bias"
+    layout: Layout | None = None
 
 
-def find_modules(params: PyTree) -> dict[str, Module]:
-    """Every module (parent of a ``kernel`` leaf) in ``params``, keyed by its ``/``-joined path."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    kernels: dict[str, Any] = {}
+def find_modules(params: PyTree, config: AdapterConfig | None = None) -> dict[str, Module]:
+    """Every module (parent of a weight leaf, ``config.weight_leaves``; default ``kernel`` and ``weight``) in
+    ``params``, keyed by its ``/``-joined path. Leaves without a shape (an Equinox module's functions) are
+    skipped. Layouts are not resolved here (:func:`select_modules` does it for the selected modules)."""
+    weight_leaves = dict(config.weight_leaves if config is not None else DEFAULT_WEIGHT_LEAVES)
+    bias_name = config.bias_leaf if config is not None else "bias"
+    rank = {name: k for k, name in enumerate(weight_leaves)}
+    kernels: dict[str, tuple[str, Any]] = {}
     biases: dict[str, Any] = {}
-    for keypath, leaf in leaves:
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         parts = path_str(keypath)
-        if not parts:
+        if not parts or not hasattr(leaf, "shape"):
             continue
-        parent = "/".join(parts[:-1])
-        if parts[-1] == "kernel":
-            kernels[parent] = leaf
-        elif parts[-1] == "bias":
+        parent, name = "/".join(parts[:-1]), parts[-1]
+        if name in weight_leaves:
+            if parent not in kernels or rank[name] < rank[kernels[parent][0]]:
+                kernels[parent] = (name, leaf)
+        elif name == bias_name:
             biases[parent] = leaf
-    return {p: Module(p, k, biases.get(p)) for p, k in kernels.items()}
+    return {
+        p: Module(p, leaf, biases.get(p), name, weight_leaves[name], bias_name) for p, (name, leaf) in kernels.items()
+    }
+
+
+def resolve_layout(mod: Module, config: AdapterConfig) -> Module:
+    """``mod`` with its :class:`~sora_jax.layout.Layout` (declared in ``config.kernel_axes`` or read off
+    the weight and bias shapes); raises :class:`AdapterError` where the shape is ambiguous."""
+    bias_shape = None if mod.bias is None else tuple(mod.bias.shape)
+    lay = layout.resolve(mod.path, mod.weight_name, mod.order, tuple(mod.kernel.shape), bias_shape, config)
+    return replace(mod, layout=lay)
 
 
 def _listing(paths: Iterable[str], n: int = 12) -> str:
@@ -103,12 +139,16 @@ def _listing(paths: Iterable[str], n: int = 12) -> str:
 
 
 def select_modules(params: PyTree, config: AdapterConfig) -> dict[str, Module]:
-    """The modules ``config`` targets, validated (clear errors before any computation)."""
-    modules = find_modules(params)
+    """The modules ``config`` targets, with their layouts, validated (clear errors before any computation)."""
+    modules = find_modules(params, config)
     if not modules:
+        names = ", ".join(
+            f"{n!r} {'(d_in, d_out)' if o == 'io' else '(d_out, d_in)'}" for n, o in config.weight_leaves
+        )
         raise AdapterError(
-            "no leaf named 'kernel' found in params; sora_jax adapts modules whose weight matrix is a "
-            "leaf named 'kernel' of shape (d_in, d_out) (Flax convention)"
+            f"no weight leaf found in params: sora_jax adapts modules whose weight is a leaf named {names} "
+            f"(a sibling {config.bias_leaf!r} its bias); name yours with AdapterConfig(weight_leaves={{'w': 'io'}}, "
+            f"bias_leaf='b') (a Flax NNX model: pass nnx.split(model)[1] or nnx.state(model))"
         )
     if config.target_modules is None:
         raise AdapterError(
@@ -121,36 +161,31 @@ def select_modules(params: PyTree, config: AdapterConfig) -> dict[str, Module]:
             f"target_modules={config.target_modules!r} matches no kernel in params. "
             f"Available module paths: {_listing(modules)}"
         )
-    for p, m in chosen.items():
-        shape = tuple(m.kernel.shape)
-        if len(shape) < 2:
-            raise AdapterError(
-                f"module {p!r} is selected but its kernel has shape {shape}, not a matrix (d_in, d_out); "
-                f"exclude it with exclude_modules or narrow target_modules"
-            )
-        d_in, d_out = shape[-2:]
+    out = {}
+    for p, m in sorted(chosen.items()):
+        m = resolve_layout(m, config)
+        lay = m.layout
+        d_in, d_out = lay.d_in, lay.d_out
         r = config.rank_for(p)
         if r > min(d_in, d_out):
             raise AdapterError(
-                f"rank r={r} is larger than min(d_in, d_out)={min(d_in, d_out)} for module {p!r} with kernel "
-                f"{shape}; use a smaller r or a rank_pattern entry for this module"
+                f"rank r={r} is larger than min(d_in, d_out)={min(d_in, d_out)} for module {p!r} with "
+                f"{m.weight_name} {lay.shape} (read as {layout.describe(lay)}); use a smaller r or a "
+                f"rank_pattern entry for this module"
             )
         if config.has_rotation and 2 * config.rotation_rank > d_out:
             raise AdapterError(
                 f"rotation_rank={config.rotation_rank} is too large for module {p!r} (d_out={d_out}): the "
                 f"rotation generator has rank 2*rotation_rank, which must be <= d_out; lower rotation_rank"
             )
-        if m.bias is not None and tuple(m.bias.shape) != (*shape[:-2], d_out):
-            raise AdapterError(
-                f"module {p!r}: bias shape {tuple(m.bias.shape)} does not match kernel {shape} "
-                f"(expected {(*shape[:-2], d_out)})"
-            )
-    return chosen
+        out[p] = m
+    return out
 
 
-def expected_shapes(config: AdapterConfig, path: str, kernel_shape: tuple[int, ...]) -> dict[str, tuple]:
-    """Shapes of the adapter leaves of the module at ``path`` with a kernel of ``kernel_shape``."""
-    *lead, d_in, d_out = kernel_shape
+def expected_shapes(config: AdapterConfig, path: str, matrix_shape: tuple[int, ...]) -> dict[str, tuple]:
+    """Shapes of the adapter leaves of the module at ``path`` whose weight reads as ``matrix_shape``
+    ``(*stacked, d_in, d_out)`` (:attr:`sora_jax.layout.Layout.matrix_shape`)."""
+    *lead, d_in, d_out = matrix_shape
     lead = tuple(lead)
     r = config.rank_for(path)
     shapes = {"A": (*lead, d_in, r), "B": (*lead, r, d_out)}
@@ -173,33 +208,40 @@ def _vmapped(fn: Callable, n_lead: int) -> Callable:
 def init_adapter(key: Array, params: PyTree, config: AdapterConfig, dtype: Any = jnp.float32) -> Adapter:
     """Adapter leaves for every module ``config`` targets (SPEC section 2 initialisations).
 
-    Each module's key is ``fold_in(key, crc32(path))``, so a module's initial values do not depend on
-    which other modules are targeted. At init the adapted model equals the frozen one.
+    ``params``: any pytree (nested dicts, a Flax NNX ``State``, an Equinox module, a PyTorch-named state
+    dict). Each module's key is ``fold_in(key, crc32(path))``, so a module's initial values do not depend
+    on which other modules are targeted. At init the adapted model equals the frozen one.
     """
     chosen = select_modules(params, config)
     layers = {}
     for path, mod in sorted(chosen.items()):
-        shape = tuple(mod.kernel.shape)
-        lead = shape[:-2]
+        lead = mod.layout.lead
         k = jax.random.fold_in(key, zlib.crc32(path.encode()))
         r = config.rank_for(path)
         fn = _vmapped(lambda kk, W, r=r: methods.init_leaves(kk, W, config, r, dtype), len(lead))
         keys = jax.random.split(k, math.prod(lead)).reshape(*lead, *k.shape) if lead else k
-        layers[path] = fn(keys, jnp.asarray(mod.kernel))
+        layers[path] = fn(keys, mod.layout.to_matrix(jnp.asarray(mod.kernel)))
     return Adapter(config, layers)
 
 
 # -- apply / merge ------------------------------------------------------------------------------
 def check_compatible(params: PyTree, adapter: Adapter) -> dict[str, Module]:
-    """Check that ``adapter`` fits ``params`` (every path present, every shape right)."""
-    modules = find_modules(params)
+    """Check that ``adapter`` fits ``params`` (every path present, every shape right); the adapted modules
+    with their layouts."""
+    modules = find_modules(params, adapter.config)
     problems = []
+    out = {}
     for path, leaves in adapter.layers.items():
         mod = modules.get(path)
         if mod is None:
-            problems.append(f"{path!r}: no such module (no 'kernel' leaf at that path) in params")
+            problems.append(f"{path!r}: no such module (no weight leaf at that path) in params")
             continue
-        expected = expected_shapes(adapter.config, path, tuple(mod.kernel.shape))
+        try:
+            mod = out[path] = resolve_layout(mod, adapter.config)
+        except AdapterError as e:
+            problems.append(str(e))
+            continue
+        expected = expected_shapes(adapter.config, path, mod.layout.matrix_shape)
         if set(leaves) != set(expected):
             problems.append(f"{path!r}: leaves {sorted(leaves)} but {adapter.config.method} needs {sorted(expected)}")
             continue
@@ -215,18 +257,21 @@ def check_compatible(params: PyTree, adapter: Adapter) -> dict[str, Module]:
             + "; ".join(problems)
             + ". Re-create it with init_adapter(key, params, config) for these params."
         )
-    return {p: modules[p] for p in adapter.layers}
+    return out
 
 
-def effective_weights(
+def effective_matrices(
     params: PyTree, adapter: Adapter, compute_dtype: Any = None
-) -> dict[str, tuple[Array, Array | None]]:
-    """``{path: (W', b')}`` for every adapted module, in ``compute_dtype`` (default: the kernel's)."""
+) -> dict[str, tuple[Module, Array, Array | None]]:
+    """``{path: (module, W', b')}`` with ``W': (*stacked, d_in, d_out)`` and ``b': (*stacked, d_out)``, the
+    matrix view of each adapted module (:mod:`sora_jax.layout`), in ``compute_dtype`` (default: the
+    kernel's and the adapter's promoted)."""
     modules = check_compatible(params, adapter)
     out = {}
     for path, mod in modules.items():
-        W = jnp.asarray(mod.kernel)
-        b = None if mod.bias is None else jnp.asarray(mod.bias)
+        lay = mod.layout
+        W = lay.to_matrix(jnp.asarray(mod.kernel))
+        b = None if mod.bias is None else lay.bias_to_vector(jnp.asarray(mod.bias))
         dt = compute_dtype or jnp.promote_types(W.dtype, adapter.layers[path]["A"].dtype)
         W = W.astype(dt)
         b = None if b is None else b.astype(dt)
@@ -234,43 +279,60 @@ def effective_weights(
         n_lead = W.ndim - 2
         if b is None:
             fn = _vmapped(lambda W_, lv, s=s: methods.effective(W_, None, lv, adapter.config, s), n_lead)
-            out[path] = fn(W, adapter.layers[path])
+            out[path] = (mod, *fn(W, adapter.layers[path]))
         else:
             fn = _vmapped(lambda W_, b_, lv, s=s: methods.effective(W_, b_, lv, adapter.config, s), n_lead)
-            out[path] = fn(W, b, adapter.layers[path])
+            out[path] = (mod, *fn(W, b, adapter.layers[path]))
     return out
 
 
-def _replace(params: PyTree, new: dict[str, tuple[Array, Array | None]]) -> PyTree:
+def effective_weights(
+    params: PyTree, adapter: Adapter, compute_dtype: Any = None
+) -> dict[str, tuple[Array, Array | None]]:
+    """``{path: (W', b')}`` for every adapted module, each in its leaf's own shape, in ``compute_dtype``
+    (default: the kernel's and the adapter's promoted)."""
+    return {
+        p: (mod.layout.from_matrix(W), None if b is None else mod.layout.bias_from_vector(b))
+        for p, (mod, W, b) in effective_matrices(params, adapter, compute_dtype).items()
+    }
+
+
+def _replace(params: PyTree, adapter: Adapter, compute_dtype: Any = None) -> PyTree:
+    new = effective_matrices(params, adapter, compute_dtype)
+
     def swap(keypath, leaf):
         parts = path_str(keypath)
         parent, name = "/".join(parts[:-1]), parts[-1]
-        if parent in new and name in ("kernel", "bias"):
-            W, b = new[parent]
-            value = W if name == "kernel" else b
-            return value.astype(leaf.dtype)
+        if parent in new:
+            mod, W, b = new[parent]
+            if name == mod.weight_name:
+                return mod.layout.from_matrix(W).astype(leaf.dtype)
+            if name == mod.bias_name and b is not None:
+                return mod.layout.bias_from_vector(b).astype(leaf.dtype)
         return leaf
 
     return jax.tree_util.tree_map_with_path(swap, params)
 
 
 def apply_adapter(params: PyTree, adapter: Adapter) -> PyTree:
-    """The effective parameters: every adapted kernel ``W -> W'`` and bias ``b -> b'`` (SPEC section 2).
+    """The effective parameters: every adapted weight ``W -> W'`` and bias ``b -> b'`` (SPEC section 2).
 
-    Same tree structure as ``params``; untargeted leaves are passed through untouched; differentiable
-    w.r.t. the adapter. Each new leaf keeps the original leaf's dtype.
+    Same tree structure as ``params`` (a dict, an NNX ``State``, an Equinox module); untargeted leaves are
+    passed through untouched; differentiable w.r.t. the adapter. Each new leaf keeps the original leaf's
+    dtype and shape.
     """
-    return _replace(params, effective_weights(params, adapter))
+    return _replace(params, adapter)
 
 
 def merge(params: PyTree, adapter: Adapter) -> PyTree:
     """``apply_adapter`` computed in float32 and cast back to each leaf's dtype (SPEC section 3)."""
-    return _replace(params, effective_weights(params, adapter, compute_dtype=jnp.float32))
+    return _replace(params, adapter, compute_dtype=jnp.float32)
 
 
 # -- counting -----------------------------------------------------------------------------------
 def _size(x: Any) -> int:
-    return math.prod(getattr(x, "shape", ()))
+    """Elements of an array leaf; 0 for a leaf without a shape (an Equinox module's functions)."""
+    return math.prod(x.shape) if hasattr(x, "shape") else 0
 
 
 def saved_leaves(params: PyTree, config: AdapterConfig) -> list[tuple[str, Any]]:

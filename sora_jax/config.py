@@ -7,6 +7,12 @@ selected when its path equals an entry or ends with ``/`` + entry (``.`` in an e
 so PEFT's ``"attention.output.dense"`` works). ``exclude_modules`` removes modules the same way.
 ``rank_pattern`` / ``alpha_pattern`` map a regex (``re.search`` on the path, as PEFT's key matching)
 to a per-module ``r`` / ``lora_alpha``.
+
+Which leaf is a module's weight, and how its axes read, is data too (:mod:`sora_jax.layout`):
+``weight_leaves`` names the weight leaves and their feature order (default ``kernel`` ``(d_in, d_out)``
+as in Flax, ``weight`` ``(d_out, d_in)`` as in PyTorch and Equinox), ``bias_leaf`` the bias's name, and
+``kernel_axes`` maps a regex (``re.search`` on the path) to the roles of a weight's axes
+(``"ioo"`` for a ``DenseGeneral`` kernel ``(d_in, heads, head_dim)``, ``"sio"`` for a scanned stack).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ PAPER_TARGETS: dict[str, tuple[str, ...]] = {
                    "output.dense"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
+
+
+DEFAULT_WEIGHT_LEAVES: tuple[tuple[str, str], ...] = (("kernel", "io"), ("weight", "oi"))
 
 
 class AdapterError(ValueError):
@@ -92,6 +101,14 @@ class AdapterConfig:
       lora_dropout: dropout on the input of the ``s A B`` branch (activation path only).
       modules_to_save: module names trained in full beside the adapter (a task head), matched like
         ``target_modules``.
+      weight_leaves: ``{leaf name: "io" | "oi"}``: the leaves that are a module's weight and the order of
+        their feature axes (``"io"``: ``(d_in, d_out)``; ``"oi"``: ``(d_out, d_in)``). Default
+        ``{"kernel": "io", "weight": "oi"}`` (Flax; PyTorch and Equinox).
+      bias_leaf: the name of a module's bias leaf (a sibling of the weight).
+      kernel_axes: ``{regex: roles}``: the role of each weight axis, one letter per axis (``s`` stacked,
+        ``i`` input feature, ``o`` output feature), for the modules whose path the regex is found in
+        (``re.search``; first match wins). Needed only where the shape alone is ambiguous
+        (:mod:`sora_jax.layout`).
     """
 
     method: str = "lora"
@@ -107,6 +124,9 @@ class AdapterConfig:
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     lora_dropout: float = 0.0
     modules_to_save: Patterns = None
+    weight_leaves: tuple[tuple[str, str], ...] = DEFAULT_WEIGHT_LEAVES
+    bias_leaf: str = "bias"
+    kernel_axes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -115,6 +135,8 @@ class AdapterConfig:
         set_(self, "modules_to_save", _freeze_patterns(self.modules_to_save, "modules_to_save"))
         set_(self, "rank_pattern", _freeze_mapping(self.rank_pattern, "rank_pattern", int))
         set_(self, "alpha_pattern", _freeze_mapping(self.alpha_pattern, "alpha_pattern", float))
+        set_(self, "weight_leaves", _freeze_mapping(self.weight_leaves, "weight_leaves", str))
+        set_(self, "kernel_axes", _freeze_mapping(self.kernel_axes, "kernel_axes", str))
         set_(self, "lora_alpha", float(self.lora_alpha))
         set_(self, "initial_s_p", float(self.initial_s_p))
         if self.method not in METHODS:
@@ -128,11 +150,26 @@ class AdapterConfig:
             raise AdapterError(f"rotation_rank must be >= 1, got {self.rotation_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        for pattern, _ in (*self.rank_pattern, *self.alpha_pattern):
+        for name, order in self.weight_leaves:
+            if order not in ("io", "oi"):
+                raise AdapterError(
+                    f"weight_leaves[{name!r}] = {order!r}; use 'io' for a (d_in, d_out) weight (Flax kernel) or "
+                    f"'oi' for (d_out, d_in) (PyTorch, Equinox weight)"
+                )
+        if not self.weight_leaves:
+            raise AdapterError("weight_leaves is empty; name at least one weight leaf, e.g. {'kernel': 'io'}")
+        for pattern, roles in self.kernel_axes:
+            if not roles or set(roles) - set("sio") or "i" not in roles or "o" not in roles:
+                raise AdapterError(
+                    f"kernel_axes[{pattern!r}] = {roles!r}; give one letter per weight axis: 's' (stacked layer "
+                    f"index), 'i' (input feature), 'o' (output feature), at least one 'i' and one 'o' "
+                    f"(e.g. 'ioo' for a DenseGeneral kernel (d_in, heads, head_dim))"
+                )
+        for pattern, _ in (*self.rank_pattern, *self.alpha_pattern, *self.kernel_axes):
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise AdapterError(f"invalid regex {pattern!r} in rank_pattern/alpha_pattern: {e}") from e
+                raise AdapterError(f"invalid regex {pattern!r} in rank_pattern/alpha_pattern/kernel_axes: {e}") from e
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -173,6 +210,13 @@ class AdapterConfig:
                 return value
         return self.lora_alpha
 
+    def axes_for(self, path: str) -> str | None:
+        """The declared axis roles of the weight of the module at ``path`` (``kernel_axes``), or ``None``."""
+        for pattern, value in self.kernel_axes:
+            if re.search(pattern, path):
+                return value
+        return None
+
     def scaling_for(self, path: str) -> float:
         """``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (SPEC section 1)."""
         r = self.rank_for(path)
@@ -183,6 +227,8 @@ class AdapterConfig:
         d = dataclasses.asdict(self)
         d["rank_pattern"] = dict(self.rank_pattern)
         d["alpha_pattern"] = dict(self.alpha_pattern)
+        d["weight_leaves"] = dict(self.weight_leaves)
+        d["kernel_axes"] = dict(self.kernel_axes)
         for k in ("target_modules", "exclude_modules", "modules_to_save"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])

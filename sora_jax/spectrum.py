@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sora_jax.adapter import Adapter, check_compatible, effective_weights
+from sora_jax.adapter import Adapter, effective_matrices
 
 
 def spectrum_of(delta: np.ndarray) -> dict[str, float]:
@@ -33,13 +33,15 @@ def spectrum_of(delta: np.ndarray) -> dict[str, float]:
 def spectrum(params: Any, adapter: Adapter) -> dict[str, Any]:
     """``{path: {"entropy", "effective_rank", "stable_rank"}}`` of ``Delta W = W' - W`` per adapted layer.
 
-    For stacked kernels ``(..., d_in, d_out)`` each value is a nested list over the leading axes.
+    ``Delta W`` is the module's matrix ``(d_in, d_out)`` (:mod:`sora_jax.layout`: a ``DenseGeneral`` kernel
+    over several feature axes is one matrix). For stacked kernels ``(*stacked, d_in, d_out)`` each value
+    is a nested list over the stacked axes.
     """
-    modules = check_compatible(params, adapter)
-    new = effective_weights(params, adapter, compute_dtype=np.float32)
+    new = effective_matrices(params, adapter, compute_dtype=np.float32)
     out: dict[str, Any] = {}
-    for path, (W_new, _) in new.items():
-        delta = np.asarray(W_new, np.float64) - np.asarray(modules[path].kernel, np.float64)
+    for path, (mod, W_new, _) in new.items():
+        W_old = mod.layout.to_matrix(np.asarray(mod.kernel))
+        delta = np.asarray(W_new, np.float64) - np.asarray(W_old, np.float64)
         lead = delta.shape[:-2]
         flat = [spectrum_of(m) for m in delta.reshape(-1, *delta.shape[-2:])]
         if not lead:

@@ -329,8 +329,8 @@ def test_error_adapter_does_not_fit_params():
     params = make_params()
     adapter = sj.init_adapter(jax.random.key(0), params, config("lora"))
     other = jax.tree.map(lambda v: v, params)
-    other["enc"]["layer_0"]["attn"]["query"]["kernel"] = jnp.ones((12, 11))
-    with pytest.raises(AdapterError, match=r"'enc/layer_0/attn/query': leaf B has shape \(3, 10\), but the kernel"):
+    other["enc"]["layer_0"]["attn"]["nobias"]["kernel"] = jnp.ones((12, 11))
+    with pytest.raises(AdapterError, match=r"'enc/layer_0/attn/nobias': leaf B has shape \(3, 8\), but the kernel"):
         sj.apply_adapter(other, adapter)
     del other["stacked"]
     with pytest.raises(AdapterError, match=r"'stacked': no such module"):
