@@ -398,12 +398,13 @@ class GemmaForTask(_Block):
         deterministic: bool = True,
         cache: list[LayerCache] | None = None,
         cache_index: Array | int = 0,
+        return_logits: bool = True,
     ) -> dict[str, Any]:
         """As :meth:`sora_jax.models.llama.LlamaForTask.__call__`."""
         base = self.model(input_ids, attention_mask, position_ids, deterministic, cache, cache_index)
         h = base["last_hidden_state"]
         out = dict(base)
-        if self.task == "causal_lm":
+        if self.task == "causal_lm" and return_logits:
             logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
             out["logits"] = softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
         elif self.task == "sequence_classification":

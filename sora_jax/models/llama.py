@@ -491,13 +491,16 @@ class LlamaForTask(_Block):
         deterministic: bool = True,
         cache: list[LayerCache] | None = None,
         cache_index: Array | int = 0,
+        return_logits: bool = True,
     ) -> dict[str, Any]:
         """``input_ids, attention_mask (1 = token, 0 = padding), position_ids: (batch, seq)``; ``cache``,
-        ``cache_index`` as :meth:`LlamaModel.__call__` (the output then holds ``"cache"``)."""
+        ``cache_index`` as :meth:`LlamaModel.__call__` (the output then holds ``"cache"``);
+        ``return_logits=False`` leaves the causal LM's ``(batch, seq, vocab)`` logits out (a loss that
+        forms them chunk by chunk from ``last_hidden_state``: :func:`sora_jax.lm.chunked_cross_entropy`)."""
         base = self.model(input_ids, attention_mask, position_ids, deterministic, cache, cache_index)
         h = base["last_hidden_state"]
         out = dict(base)
-        if self.task == "causal_lm":
+        if self.task == "causal_lm" and return_logits:
             logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
             out["logits"] = logits.astype(jnp.float32)
         elif self.task == "sequence_classification":
