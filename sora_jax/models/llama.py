@@ -6,7 +6,8 @@ architecture: RMSNorm (computed in float32), rotary position embeddings (``defau
 ``llama3`` frequency scaling), grouped-query attention (``num_key_value_heads``), a SwiGLU MLP
 (``down_proj(act(gate_proj(x)) * up_proj(x))``), optional ``attention_bias`` / ``mlp_bias``, a causal
 mask combined with a ``(batch, seq)`` padding ``attention_mask`` (left or right padding), and tied or
-untied output embeddings.
+untied output embeddings. For decoding, a key/value cache (:func:`init_cache`) is passed in and the
+updated one returned (``cache``, ``cache_index``), a pure function as everything else.
 
 Parameter paths mirror the Hugging Face names (see ``sora_jax.models.common``), e.g.
 ``model/layers_0/self_attn/q_proj/kernel``, ``model/embed_tokens/embedding``, ``model/norm/scale``,
@@ -35,6 +36,7 @@ Array = jax.Array
 
 ROPE_TYPES = ("default", "linear", "llama3")
 TASKS = ("base", "causal_lm", "sequence_classification")
+LayerCache = dict  # one layer's key/value cache: {"k", "v": (batch, cache_length, kv_heads, head_dim)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +231,19 @@ class LlamaAttention(_Block):
     """
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool = True) -> Array:
-        """``x: (batch, seq, hidden)``, ``mask: (batch, 1, seq, seq)`` bool (True = attend)."""
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        mask: Array,
+        deterministic: bool = True,
+        cache: LayerCache | None = None,
+        cache_index: Array | int = 0,
+    ) -> tuple[Array, LayerCache | None]:
+        """``x: (batch, seq, hidden)``, ``mask: (batch, 1, seq, keys)`` bool (True = attend); ``keys`` is
+        ``seq``, or the cache length with a ``cache`` (``x`` is then written at ``cache_index``).
+        Returns ``(output (batch, seq, hidden), the updated cache or None)``."""
         c = self.config
         b, t, _ = x.shape
         q = self.linear(c.num_attention_heads * c.head_dim, c.attention_bias, "q_proj")(x)
@@ -239,12 +252,13 @@ class LlamaAttention(_Block):
         q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        k, v, cache = update_cache(cache, k, v, cache_index)
         # Logits and softmax in float32; query head h reads key/value head h // (heads / kv_heads).
         rng = None if deterministic or c.attention_dropout == 0.0 else self.make_rng("dropout")
         out = dot_product_attention(q, k, v, mask=mask, scale=c.head_dim**-0.5, dropout_rate=c.attention_dropout,
                                     dropout_rng=rng)
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
-        return self.linear(c.hidden_size, c.attention_bias, "o_proj")(out)
+        return self.linear(c.hidden_size, c.attention_bias, "o_proj")(out), cache
 
 
 class LlamaMLP(_Block):
@@ -265,27 +279,94 @@ class LlamaDecoderLayer(_Block):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        mask: Array,
+        deterministic: bool = True,
+        cache: LayerCache | None = None,
+        cache_index: Array | int = 0,
+    ) -> tuple[Array, LayerCache | None]:
+        """As :class:`LlamaAttention`: ``(output (batch, seq, hidden), the updated cache or None)``."""
         c = self.config
         kw = dict(config=c, dense_fn=self.dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
         norm_kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(**norm_kw, name="input_layernorm")(x)
-        x = x + LlamaAttention(**kw, name="self_attn")(h, cos, sin, mask, deterministic)
+        h, cache = LlamaAttention(**kw, name="self_attn")(h, cos, sin, mask, deterministic, cache, cache_index)
+        x = x + h
         h = RMSNorm(**norm_kw, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(**kw, name="mlp")(h)
+        return x + LlamaMLP(**kw, name="mlp")(h), cache
+
+
+def decoder_mask(
+    attention_mask: Array | None,
+    batch: int,
+    queries: int,
+    keys: int,
+    offset: Array | int = 0,
+    window: int | None = None,
+) -> Array:
+    """Causal mask AND key padding mask: ``(batch, 1, queries, keys)`` bool, True where a query may attend.
+
+    Query ``i`` sits at slot ``offset + i`` of the ``keys`` key slots (``offset = 0``, ``keys = queries``
+    without a cache); it attends to slots ``j <= offset + i`` (and ``j > offset + i - window`` with a
+    sliding ``window``, as ``transformers``' sliding-window layers). ``attention_mask: (batch, keys)``
+    with 1 for real tokens and 0 for padding (``None``: no padding). Rows of padded queries may be all
+    False; they get a uniform softmax and no NaN.
+    """
+    q = jnp.asarray(offset) + jnp.arange(queries)[:, None]
+    k = jnp.arange(keys)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+    return jnp.broadcast_to(allowed, (batch, 1, queries, keys))
 
 
 def attention_mask_4d(attention_mask: Array | None, batch: int, seq: int) -> Array:
-    """Causal mask AND key padding mask: ``(batch, 1, seq, seq)`` bool, True where a query may attend.
+    """:func:`decoder_mask` without a cache: ``(batch, 1, seq, seq)``."""
+    return decoder_mask(attention_mask, batch, seq, seq)
 
-    ``attention_mask: (batch, seq)`` with 1 for real tokens and 0 for padding (``None``: no padding).
-    Rows of padded queries may be all False; they get a uniform softmax and no NaN.
-    """
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
-    if attention_mask is None:
-        return jnp.broadcast_to(causal, (batch, 1, seq, seq))
-    keys = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-    return causal & keys
+
+# -- key/value cache for decoding -------------------------------------------------------------------
+def init_cache(config: Any, batch: int, length: int, dtype: Any = jnp.float32) -> list[LayerCache]:
+    """An empty key/value cache, one ``{"k", "v": (batch, length, kv_heads, head_dim)}`` per layer, for
+    any decoder config with ``num_hidden_layers``, ``num_key_value_heads`` and ``head_dim``."""
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
+
+
+def update_cache(
+    cache: LayerCache | None, k: Array, v: Array, index: Array | int
+) -> tuple[Array, Array, LayerCache | None]:
+    """Write ``k, v: (batch, seq, kv_heads, head_dim)`` into ``cache`` at slot ``index``; returns the keys
+    and values to attend to (the whole cache, or ``k, v`` themselves without one) and the new cache."""
+    if cache is None:
+        return k, v, None
+    start = (0, jnp.asarray(index, jnp.int32), 0, 0)
+    ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+    cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+    return ck.astype(k.dtype), cv.astype(v.dtype), {"k": ck, "v": cv}
+
+
+def check_cache(cache: list[LayerCache], num_layers: int, attention_mask: Array | None, batch: int) -> int:
+    """The cache length, after checking ``cache`` has a layer per decoder layer and ``attention_mask`` covers
+    every cache slot (raises ``ValueError`` naming the fix)."""
+    if len(cache) != num_layers:
+        raise ValueError(
+            f"cache has {len(cache)} layers, the model {num_layers}; build it with init_cache(config, ...)."
+        )
+    length = cache[0]["k"].shape[1]
+    if attention_mask is None or tuple(jnp.shape(attention_mask)) != (batch, length):
+        raise ValueError(
+            f"with a cache, attention_mask must be (batch, cache_length) = {(batch, length)} (1 for every slot that "
+            f"holds or will hold a real token); got {None if attention_mask is None else jnp.shape(attention_mask)}."
+        )
+    return length
 
 
 def _check_inputs(input_ids: Array, attention_mask: Array | None, position_ids: Array | None) -> None:
@@ -324,24 +405,34 @@ class LlamaModel(_Block):
         attention_mask: Array | None = None,
         position_ids: Array | None = None,
         deterministic: bool = True,
-    ) -> dict[str, Array]:
+        cache: list[LayerCache] | None = None,
+        cache_index: Array | int = 0,
+    ) -> dict[str, Any]:
         """``input_ids, attention_mask, position_ids: (batch, seq)`` -> ``{"last_hidden_state"}``.
 
         ``last_hidden_state: (batch, seq, hidden)`` (after the final norm).
 
         ``position_ids`` default to ``arange(seq)`` for every row (as Hugging Face, also with padding).
+        With a ``cache`` (:func:`init_cache`), the tokens fill slots ``cache_index ...`` of it,
+        ``attention_mask`` is ``(batch, cache_length)``, and the output holds the updated ``"cache"``.
         """
-        _check_inputs(input_ids, attention_mask, position_ids)
+        _check_inputs(input_ids, attention_mask if cache is None else None, position_ids)
         b, t = input_ids.shape
         if position_ids is None:
-            position_ids = jnp.arange(t)[None, :]
+            position_ids = jnp.arange(t)[None, :] + jnp.asarray(cache_index)
         position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (b, t))
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config), self.dtype)
-        mask = attention_mask_4d(attention_mask, b, t)
+        keys = t if cache is None else check_cache(cache, len(self.layers), attention_mask, b)
+        mask = decoder_mask(attention_mask, b, t, keys, cache_index)
         h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, deterministic)
-        return {"last_hidden_state": self.norm(h)}
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            h, layer_cache = layer(h, cos, sin, mask, deterministic, None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        out: dict[str, Any] = {"last_hidden_state": self.norm(h)}
+        if cache is not None:
+            out["cache"] = new_cache
+        return out
 
     def attend(self, h: Array) -> Array:
         """Tied output projection ``h @ embedding.T``: ``(..., hidden) -> (..., vocab)``."""
@@ -398,11 +489,18 @@ class LlamaForTask(_Block):
         attention_mask: Array | None = None,
         position_ids: Array | None = None,
         deterministic: bool = True,
-    ) -> dict[str, Array]:
-        """``input_ids, attention_mask (1 = token, 0 = padding), position_ids: (batch, seq)``."""
-        h = self.model(input_ids, attention_mask, position_ids, deterministic)["last_hidden_state"]
-        out = {"last_hidden_state": h}
-        if self.task == "causal_lm":
+        cache: list[LayerCache] | None = None,
+        cache_index: Array | int = 0,
+        return_logits: bool = True,
+    ) -> dict[str, Any]:
+        """``input_ids, attention_mask (1 = token, 0 = padding), position_ids: (batch, seq)``; ``cache``,
+        ``cache_index`` as :meth:`LlamaModel.__call__` (the output then holds ``"cache"``);
+        ``return_logits=False`` leaves the causal LM's ``(batch, seq, vocab)`` logits out (a loss that
+        forms them chunk by chunk from ``last_hidden_state``: :func:`sora_jax.lm.chunked_cross_entropy`)."""
+        base = self.model(input_ids, attention_mask, position_ids, deterministic, cache, cache_index)
+        h = base["last_hidden_state"]
+        out = dict(base)
+        if self.task == "causal_lm" and return_logits:
             logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
             out["logits"] = logits.astype(jnp.float32)
         elif self.task == "sequence_classification":

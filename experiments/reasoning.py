@@ -1,0 +1,339 @@
+"""Instruction-tune a decoder with an adapter on commonsense or math reasoning (LLM-Adapters' protocol) and
+evaluate it by generation.
+
+Examples::
+
+    python experiments/reasoning.py --suite commonsense --method sora                 # smollm2, offline
+    python experiments/reasoning.py --suite math --method lora --model gemma3-270m
+    python experiments/reasoning.py --suite commonsense --method dora --model meta-llama/Meta-Llama-3-8B \\
+        --train-file commonsense_15k.json --r 16 --lora-alpha 32 --lr 2e-4 --epochs 3     # the paper's setting
+    python experiments/reasoning.py --suite math --output-dir runs/x --resume              # continue a run
+
+Data (``--data-dir``, default ``../shared/data/llm-adapters``; layout in its README): every test set of the
+suite, in LLM-Adapters' ``{"instruction", "input", "output", "answer"}`` format. Training set: ``--train-file``
+(a JSON list in that format, e.g. Commonsense-15k or MetaMathQA), else for ``commonsense`` the training sets
+present (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA), and for ``math`` GSM8K's train split (its calculator
+annotations removed, the final ``#### N`` written "The answer is N.").
+
+Training: LLM-Adapters' prompt, the loss on the response (``output`` and EOS) only, batches bucketed by
+length, the cross-entropy chunked over the vocabulary (``sora_jax.lm``), the adapter on the paper's decoder
+targets (``q_proj, k_proj, v_proj, up_proj, down_proj``; ``--all-linear`` adds ``o_proj, gate_proj``).
+Evaluation: greedy generation (at most 32 new tokens for commonsense, 256 for math), LLM-Adapters'
+answer extraction, accuracy per task on the first ``--max-eval-samples`` examples of each test set, and
+their average. Writes ``<output-dir>/results.json`` (configuration, per-task accuracy, average, training
+loss, timings, update spectrum, versions), ``predictions/<task>.json`` (every response) and the adapter.
+``--resume`` continues training from the last checkpoint and reuses finished tasks' predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "experiments"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import jax  # noqa: E402
+from glue import Progress, _positive, device_info, versions, write_json_atomic  # noqa: E402
+
+import sora_jax  # noqa: E402
+from sora_jax import lm, train  # noqa: E402
+from sora_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from sora_jax.generate import generate_text  # noqa: E402
+
+SUITES = {"commonsense": lm.COMMONSENSE_TASKS, "math": lm.MATH_TASKS}
+TRAIN_SETS = {"commonsense": ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"), "math": ("gsm8k-train",)}
+DEFAULT_MODEL = {"commonsense": "smollm2", "math": "gemma3-270m"}
+MAX_NEW_TOKENS = {"commonsense": 32, "math": 256}
+TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # DoRA's commonsense setting
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STOP = ("### Instruction", "\n\n\n")
+NON_TRAJECTORY = ("output_dir", "resume", "overwrite", "save_every", "keep", "no_progress", "data_dir",
+                  "max_eval_samples", "eval_batch_size", "max_new_tokens", "tasks")
+
+
+class ReasoningDataError(ValueError):
+    """A missing or malformed data file."""
+
+
+# -- arguments ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), required=True)
+    p.add_argument("--method", choices=sora_jax.METHODS, default="sora")
+    p.add_argument("--model", default=None, help="alias (smollm2, gemma3-270m), hub id, directory or .gguf file")
+    p.add_argument("--data-dir", default=None, help="default: ../shared/data/llm-adapters beside the repository")
+    p.add_argument("--train-file", default=None, help="a JSON list in LLM-Adapters' format (default: see above)")
+    p.add_argument("--tasks", default=None, help="comma-separated test sets (default: the whole suite)")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--r", type=_positive(int), default=16)
+    g.add_argument("--lora-alpha", type=_positive(float), default=32.0)
+    g.add_argument("--rotation-rank", type=_positive(int), default=1)
+    g.add_argument("--rotation", choices=sora_jax.ROTATIONS, default="taylor")
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--all-linear", action="store_true", help="adapt every linear layer of each block")
+    t = p.add_argument_group("training")
+    t.add_argument("--lr", type=_positive(float), default=2e-4)
+    t.add_argument("--epochs", type=_positive(int), default=1)
+    t.add_argument("--batch-size", type=_positive(int), default=16)
+    t.add_argument("--grad-accum", type=_positive(int), default=1)
+    t.add_argument("--max-length", type=_positive(int), default=256)
+    t.add_argument("--max-train-samples", type=_positive(int), default=None)
+    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=_positive(float), default=1.0)
+    t.add_argument("--vocab-chunk", type=_positive(int), default=8192, help="vocabulary columns per loss chunk")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--zero-shot", action="store_true", help="no training: evaluate the base model")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--max-eval-samples", type=_positive(int), default=None, help="the first N of each test set")
+    e.add_argument("--eval-batch-size", type=_positive(int), default=16)
+    e.add_argument("--max-new-tokens", type=_positive(int), default=None, help="default: 32 commonsense, 256 math")
+    o = p.add_argument_group("output and checkpoints")
+    o.add_argument("--output-dir", default=None, help="default runs/<suite>-<method>-<model>-s<seed>")
+    o.add_argument("--resume", action="store_true")
+    o.add_argument("--overwrite", action="store_true")
+    o.add_argument("--save-every", type=int, default=0)
+    o.add_argument("--keep", type=_positive(int), default=2)
+    o.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        parser.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.batch_size % args.grad_accum:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    tasks = SUITES[args.suite]
+    if args.tasks:
+        chosen = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        bad = [t for t in chosen if t not in tasks]
+        if bad:
+            parser.error(f"unknown {args.suite} task(s) {bad}; choose from {', '.join(tasks)}")
+        args.tasks = ",".join(chosen)
+    args.model = args.model or DEFAULT_MODEL[args.suite]
+    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[args.suite]
+    return args
+
+
+# -- data --------------------------------------------------------------------------------------------
+def find_data_dir() -> Path:
+    return ROOT.parent / "shared" / "data" / "llm-adapters"
+
+
+def read_examples(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of ``{"instruction", "output", ...}`` (LLM-Adapters' format)."""
+    if not path.is_file():
+        raise ReasoningDataError(f"{path} does not exist; pass --data-dir (layout: the data README) or --train-file")
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReasoningDataError(f"{path} is not valid JSON ({e}); expected a list of instruction records") from e
+    if not isinstance(rows, list) or not rows:
+        raise ReasoningDataError(f"{path} must hold a non-empty JSON list of instruction records")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise ReasoningDataError(f"{path}, record {i}: needs string fields 'instruction' and 'output'; got {r!r:.200}")
+    return rows
+
+
+def gsm8k_train(path: Path) -> list[dict[str, Any]]:
+    """GSM8K's ``train.jsonl`` as instruction records: calculator annotations removed, ``#### N`` ->
+    ``The answer is N.``"""
+    if not path.is_file():
+        raise ReasoningDataError(f"{path} does not exist; pass --data-dir or --train-file")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            solution, final = r["answer"].rsplit("####", 1)
+        except (json.JSONDecodeError, KeyError, ValueError) as e:
+            raise ReasoningDataError(f"{path}, line {i + 1}: expected {{question, answer ending '#### N'}}") from e
+        solution = re.sub(r"<<[^>]*>>", "", solution).strip()
+        final = final.strip().replace(",", "")
+        rows.append({"instruction": r["question"], "input": "", "output": f"{solution}\nThe answer is {final}.",
+                     "answer": final})
+    return rows
+
+
+def training_examples(args: argparse.Namespace, data_dir: Path) -> tuple[list[dict], list[str]]:
+    if args.train_file:
+        return read_examples(Path(args.train_file)), [str(args.train_file)]
+    rows, sources = [], []
+    for name in TRAIN_SETS[args.suite]:
+        if name == "gsm8k-train":
+            path = data_dir / "math" / name / "train.jsonl"
+            rows += gsm8k_train(path)
+        else:
+            path = data_dir / args.suite / name / "train.json"
+            rows += read_examples(path)
+        sources.append(str(path))
+    return rows, sources
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+def evaluate_task(task: str, examples: list[dict], responses: list[str]) -> dict[str, Any]:
+    correct = [lm.is_correct(task, r, ex["answer"]) for r, ex in zip(responses, examples, strict=True)]
+    return {"accuracy": float(np.mean(correct)), "n": len(correct), "correct": int(np.sum(correct))}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (unless ``--zero-shot``) and evaluate one configuration; returns (and writes) its results."""
+    tag = Path(args.model.rstrip("/")).name.replace("/", "_")
+    out_dir = Path(args.output_dir or Path("runs") / f"{args.suite}-{args.method}-{tag}-s{args.seed}")
+    data_dir = Path(args.data_dir) if args.data_dir else find_data_dir()
+    tasks = args.tasks.split(",") if args.tasks else list(SUITES[args.suite])
+    # data first: a missing or malformed file fails before the model is loaded
+    tests = {t: read_examples(data_dir / args.suite / t / "test.json")[: args.max_eval_samples] for t in tasks}
+    for t, rows in tests.items():
+        if any("answer" not in r for r in rows):
+            raise ReasoningDataError(f"test set {t}: every record needs an 'answer' field")
+    train_rows, train_sources = ([], []) if args.zero_shot else training_examples(args, data_dir)
+    if args.max_train_samples:
+        train_rows = [train_rows[i] for i in np.random.default_rng(args.seed).permutation(len(train_rows))][
+            : args.max_train_samples
+        ]
+    model = sora_jax.load_pretrained(args.model, task="causal_lm")
+    tok = model.tokenizer
+    if tok is None:
+        raise FileNotFoundError(f"model {args.model!r} has no tokenizer; save one beside it")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    targets = ALL_LINEAR if args.all_linear else TARGETS
+    adapter_config = sora_jax.AdapterConfig(
+        method=args.method, r=args.r, lora_alpha=args.lora_alpha, rotation_rank=args.rotation_rank,
+        rotation=args.rotation, lora_dropout=args.lora_dropout, target_modules=targets, modules_to_save=(),
+    )
+    train_config = train.TrainConfig(
+        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_accum=args.grad_accum,
+        dropout=False, max_grad_norm=args.max_grad_norm,
+    )
+    encoded = lm.encode_examples(tok, train_rows, args.max_length)
+
+    def train_batches(epoch: int) -> list[dict]:
+        return lm.epoch_batches(encoded, args.batch_size, args.seed, epoch, pad_id)
+
+    steps_per_epoch = len(train_batches(0)) if encoded else 0
+    total_steps = steps_per_epoch * args.epochs
+    cfg = {k: v for k, v in vars(args).items() if k not in NON_TRAJECTORY}
+    cfg.update(adapter=adapter_config.to_dict(), train=train_config.to_dict())
+    ckpt_dir = out_dir / "checkpoints"
+    pred_dir = out_dir / "predictions"
+    if args.overwrite:
+        for d in (ckpt_dir, pred_dir):
+            shutil.rmtree(d, ignore_errors=True)
+    checkpointer = Checkpointer(ckpt_dir, cfg, keep=args.keep, resume=args.resume)
+    softcap = getattr(model.module.config, "final_logit_softcapping", None)
+    trainer = train.Trainer(
+        functools.partial(model.apply, return_logits=False), model.params, num_labels=model.module.config.vocab_size,
+        total_steps=max(total_steps, 1), adapter_config=adapter_config, config=train_config,
+        loss_fn=lm.causal_lm_loss(args.vocab_chunk, softcap),
+    )
+    state = trainer.init_state(args.seed)
+    base_results = {
+        "config": cfg,
+        "fingerprint": checkpointer.fingerprint,
+        "output_dir": str(out_dir),
+        "model_path": str(model.report.get("weights_file")),
+        "data": {"train": train_sources, "test": {t: str(data_dir / args.suite / t / "test.json") for t in tasks}},
+        "num_train_examples": len(train_rows),
+        "num_eval_examples": {t: len(r) for t, r in tests.items()},
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "parameters": trainer.count_parameters(state),
+        "versions": versions(),
+        "devices": device_info(),
+    }
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    timing: dict[str, Any] = {}
+    resumed_from = None
+    if total_steps:
+        progress = Progress(total_steps, (checkpointer.latest_step() or 0) if args.resume else 0,
+                            f"{args.suite}/{args.method}", not args.no_progress)
+        try:
+            result = train.fit(trainer, state, train_batches=train_batches, epochs=args.epochs,
+                               checkpointer=checkpointer, save_every=args.save_every, resume=args.resume,
+                               on_step=progress.step, on_epoch=lambda h: progress.epoch(h[-1]))
+        finally:
+            progress.close()
+            checkpointer.close()
+        state, history, timing, resumed_from = result.state, result.history, result.timing(), result.resumed_from
+    else:
+        checkpointer.close()
+    timing["train_wall_s"] = time.perf_counter() - t0
+    adapter = jax.device_get(trainer.adapter(state))
+    params = trainer.params(state)
+    # evaluation on merged weights: the same function as the adapter on activations, at the base model's cost
+    eval_params = params if args.zero_shot else sora_jax.merge(params, adapter)
+    scores: dict[str, Any] = {}
+    t1 = time.perf_counter()
+    for task, rows in tests.items():
+        pred_file = pred_dir / f"{task}.json"
+        if args.resume and pred_file.is_file():
+            saved = json.loads(pred_file.read_text())
+            if saved.get("fingerprint") == checkpointer.fingerprint and len(saved["responses"]) == len(rows):
+                scores[task] = evaluate_task(task, rows, saved["responses"])
+                continue
+        responses = generate_text(
+            model.module, eval_params, tok, [lm.prompt(r) for r in rows], max_new_tokens=args.max_new_tokens,
+            stop=STOP, batch_size=args.eval_batch_size,
+        )
+        write_json_atomic(pred_file, {"fingerprint": checkpointer.fingerprint, "responses": responses})
+        scores[task] = evaluate_task(task, rows, responses)
+        print(f"{task}: accuracy {scores[task]['accuracy']:.4f} ({scores[task]['correct']}/{scores[task]['n']})")
+    timing["eval_s"] = time.perf_counter() - t1
+    average = float(np.mean([s["accuracy"] for s in scores.values()]))
+    results = {
+        **base_results,
+        "finished": True,
+        "history": history,
+        "accuracy": {t: s["accuracy"] for t, s in scores.items()},
+        "average": average,
+        "scores": scores,
+        "timing": timing,
+        "resumed_from_step": resumed_from,
+        "spectrum": {} if args.zero_shot else sora_jax.spectrum(jax.device_get(params), adapter),
+    }
+    if not args.zero_shot:
+        sora_jax.save_adapter(adapter, out_dir / "adapter")
+    write_json_atomic(out_dir / "results.json", results)
+    print(f"{args.suite}/{args.method}: average accuracy {average:.4f}; results in {out_dir / 'results.json'}")
+    return results
+
+
+USER_ERRORS = (ReasoningDataError, CheckpointError, sora_jax.AdapterError, FileNotFoundError,
+               train.NonFiniteLossError, sora_jax.CheckpointMismatchError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"reasoning.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
