@@ -49,7 +49,7 @@ import jax  # noqa: E402
 from glue import Progress, _positive, device_info, versions, write_json_atomic  # noqa: E402
 
 import sora_jax  # noqa: E402
-from sora_jax import lm, train  # noqa: E402
+from sora_jax import compile_cache, lm, train  # noqa: E402
 from sora_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 from sora_jax.generate import generate_text  # noqa: E402
 
@@ -61,7 +61,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # DoRA's commo
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STOP = ("### Instruction", "\n\n\n")
 NON_TRAJECTORY = ("output_dir", "resume", "overwrite", "save_every", "keep", "no_progress", "data_dir",
-                  "max_eval_samples", "eval_batch_size", "max_new_tokens", "tasks")
+                  "compile_cache", "max_eval_samples", "eval_batch_size", "max_new_tokens", "tasks")
 
 
 class ReasoningDataError(ValueError):
@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save-every", type=int, default=0)
     o.add_argument("--keep", type=_positive(int), default=2)
     o.add_argument("--no-progress", action="store_true")
+    o.add_argument(
+        "--compile-cache",
+        default=str(compile_cache.default_dir()),
+        help="JAX persistent compilation cache directory ('none' disables it; env SORA_JAX_COMPILE_CACHE)",
+    )
     return p
 
 
@@ -327,6 +332,11 @@ USER_ERRORS = (ReasoningDataError, CheckpointError, sora_jax.AdapterError, FileN
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        compile_cache.enable(args.compile_cache)
+    except OSError as e:
+        print(f"reasoning.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         run(args)
     except USER_ERRORS as e:

@@ -3,7 +3,7 @@ the real ``minilm`` encoder beats the trivial baseline (a constant prediction: P
 training mean) by a stated margin.
 
 STS-B is the task where a frozen, never-trained pooler (all-MiniLM-L6-v2's) fails: with
-``--freeze-pooler`` the same run predicts nearly a constant (Pearson below 0.1 here), so this test fails
+``--freeze-pooler`` the same run predicts nearly a constant (Pearson 0.04 on the real data), so this test fails
 for that setting. Data: ``../shared/data/glue`` when present, else a synthetic STS-B in the same layout
 (identical pairs score 4-5, others uniform in 0-5: a pattern the encoder picks up).
 """
@@ -38,7 +38,7 @@ def test_default_setting_beats_constant_prediction_on_stsb(tmp_path: Path, stsb_
     out = tmp_path / "run"
     argv = [
         "--method", "sora", "--task", "stsb", "--data-dir", str(stsb_dir), "--epochs", "2",
-        "--max-train-samples", "1024", "--max-eval-samples", "500", "--max-length", "64",
+        "--max-train-samples", "1024", "--max-eval-samples", "500", "--max-length", "64", "--pad-to-multiple", "64",
         "--output-dir", str(out), "--no-progress",
     ]  # fmt: skip
     assert glue.main(argv) == 0
@@ -49,7 +49,7 @@ def test_default_setting_beats_constant_prediction_on_stsb(tmp_path: Path, stsb_
     baseline_mse = float(np.mean((labels - train_mean) ** 2))  # the constant prediction's error
     mse = float(np.mean((logits - labels) ** 2))
     pearson = res["final"]["pearson"]
-    # margins: the constant prediction has Pearson 0; 64 steps reach about 0.6 here (0.04 with a frozen
-    # pooler), so 0.3 separates learning from collapse with room for seeds and summation orders
-    assert pearson > 0.3, res["history"]
+    # margins: the constant prediction has Pearson 0; these 64 steps reach 0.85 on the real data (0.04
+    # with a frozen pooler), so 0.5 separates learning from collapse with room for seeds and summation orders
+    assert pearson > 0.5, res["history"]
     assert mse < 0.8 * baseline_mse, (mse, baseline_mse)
