@@ -393,11 +393,26 @@ def load_pretrained(
             f"no config.json in {model_dir}; a model directory needs one (write it with save_pretrained)"
         )
     config = AutoConfig.from_pretrained(str(model_dir))
+    _checked_family(config, task, model_dir)  # before reading any weights
     state, weights_file = read_state_dict(model_dir)
     model = from_state_dict(config, state, task, num_labels, dtype, param_dtype, seed=seed, source=weights_file)
     model.tokenizer = _load_tokenizer(model_dir) if load_tokenizer else None
     model.path = model_dir
     return model
+
+
+def _checked_family(config: Any, task: str, where: str | os.PathLike) -> Any:
+    """The model family of ``config``, which must support ``task`` (else :class:`CheckpointMismatchError`)."""
+    try:
+        family = get_family(config.model_type)
+    except ValueError as e:
+        raise CheckpointMismatchError([str(e)], str(where)) from e
+    if task not in family.tasks:
+        raise CheckpointMismatchError(
+            [f"task {task!r} is not supported for model_type {config.model_type!r}; supported: {family.tasks}"],
+            str(where),
+        )
+    return family
 
 
 def from_state_dict(
@@ -421,15 +436,7 @@ def from_state_dict(
             raise ValueError(f"num_labels must be >= 1 (1 = regression), got {num_labels}")
         if num_labels != config.num_labels:
             config.num_labels = num_labels
-    try:
-        family = get_family(config.model_type)
-    except ValueError as e:
-        raise CheckpointMismatchError([str(e)], str(model_dir)) from e
-    if task not in family.tasks:
-        raise CheckpointMismatchError(
-            [f"task {task!r} is not supported for model_type {config.model_type!r}; supported: {family.tasks}"],
-            str(model_dir),
-        )
+    family = _checked_family(config, task, model_dir)
     module = family.build(config, task, dtype, default_dense)
     expected = _expected_params(module)
     loaded, match = convert.state_dict_to_params(
