@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent(
             res[mesh] = losses
         specs = {p: {k: str(v.sharding.spec) for k, v in lv.items()} for p, lv in state.trainable["adapter"].layers.items()}
         q = "bert/encoder/layer_0/attention/self/query"
-        mu = state.opt_state.inner_states["body"].inner_state[0].mu
+        mu = state.opt_state[1].inner_states["body"].inner_state[0].mu  # chain(clip, multi_transform)
         out[f"{method}-{shard}"] = {
             "losses": [res[None], res["data=4,model=2"]],
             "specs": specs,
