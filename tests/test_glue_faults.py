@@ -180,3 +180,30 @@ def test_stsb_labels_outside_the_score_range(glue_cli, capsys, tmp_path: Path, t
     assert glue_cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert f"{f}, line 4: label '{label}' for task 'stsb' is not a finite score in [0, 5]" in err
+
+
+def test_cli_resume_over_damaged_checkpoints(glue_cli, capsys, tmp_path: Path, tiny_model_dir, mrpc_dir):  # noqa: F811
+    """``--resume`` on a run whose newest checkpoint is damaged warns, names the step, and finishes from the
+    newest intact one with the uninterrupted run's metrics; with every checkpoint damaged it is one clear
+    line and exit status 2, no traceback."""
+    from tests.test_faults import _truncate_json
+
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_model_dir, mrpc_dir, out, "--method", "lora", "--no-progress", "--epochs", "1",
+                     "--save-every", "2", "--keep", "3")
+    assert glue_cli.main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+    capsys.readouterr()
+    _truncate_json(out / "checkpoints" / "6")
+    with pytest.warns(UserWarning, match=r"step 6: .*restored the newest intact step, 4"):
+        assert glue_cli.main([*argv, "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["resumed_from_step"] == 4 and again["finished"] is True
+    assert [h["main"] for h in again["history"]] == pytest.approx([h["main"] for h in first["history"]], abs=1e-6)
+    capsys.readouterr()
+    for step in (2, 4, 6):
+        _truncate_json(out / "checkpoints" / str(step))
+    assert glue_cli.main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("glue.py: error: no intact checkpoint") and "Traceback" not in err
