@@ -123,6 +123,15 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def add_compile_cache_argument(group: Any) -> None:
+    """``--compile-cache DIR`` (default :func:`sora_jax.compile_cache.default_dir`; ``none`` disables)."""
+    group.add_argument(
+        "--compile-cache",
+        default=str(compile_cache.default_dir()),
+        help="JAX persistent compilation cache directory ('none' disables it; env SORA_JAX_COMPILE_CACHE)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="GLUE fine-tuning with LoRA, DoRA, Pre-Diag, SORA, Pre/Post-Ortho or full fine-tuning.",
@@ -182,11 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="also log per-step metrics to TensorBoard (<output-dir>/tensorboard); metrics.jsonl is always written",
     )
-    o.add_argument(
-        "--compile-cache",
-        default=str(compile_cache.default_dir()),
-        help="JAX persistent compilation cache directory ('none' disables it; env SORA_JAX_COMPILE_CACHE)",
-    )
+    add_compile_cache_argument(o)
     d = p.add_argument_group("devices")
     d.add_argument("--mesh", default=None, help='device mesh, e.g. "data=4,model=2" (default: one device)')
     d.add_argument("--replicate-adapter", action="store_true", help="replicate adapter factors on the model axis")

@@ -46,7 +46,14 @@ for p in (ROOT, ROOT / "experiments"):
         sys.path.insert(0, str(p))
 
 import jax  # noqa: E402
-from glue import Progress, _positive, device_info, versions, write_json_atomic  # noqa: E402
+from glue import (  # noqa: E402
+    Progress,
+    _positive,
+    add_compile_cache_argument,
+    device_info,
+    versions,
+    write_json_atomic,
+)
 
 import sora_jax  # noqa: E402
 from sora_jax import compile_cache, lm, train  # noqa: E402
@@ -108,11 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save-every", type=int, default=0)
     o.add_argument("--keep", type=_positive(int), default=2)
     o.add_argument("--no-progress", action="store_true")
-    o.add_argument(
-        "--compile-cache",
-        default=str(compile_cache.default_dir()),
-        help="JAX persistent compilation cache directory ('none' disables it; env SORA_JAX_COMPILE_CACHE)",
-    )
+    add_compile_cache_argument(o)
     return p
 
 
