@@ -48,6 +48,7 @@ from sora_jax.checkpoint import Checkpointer, CheckpointError, ConfigMismatchErr
 from sora_jax.config import PAPER_TARGETS  # noqa: E402
 from sora_jax.data import glue as data  # noqa: E402
 from sora_jax.io import stale_temporaries  # noqa: E402
+from sora_jax.models.common import REMAT_POLICIES  # noqa: E402
 
 METHODS = ("full", *sora_jax.METHODS)
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
@@ -123,6 +124,22 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def add_scan_arguments(group: Any) -> None:
+    """``--scan-layers`` / ``--unrolled`` and ``--remat`` (:func:`sora_jax.models.common.scan_blocks`)."""
+    group.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run the transformer blocks under nn.scan: one compiled block (compile time independent of depth)",
+    )
+    group.add_argument(
+        "--remat",
+        choices=REMAT_POLICIES,
+        default="none",
+        help="with --scan-layers: recompute each block in the backward pass (full) or keep only matmuls (dots)",
+    )
+
+
 def add_compile_cache_argument(group: Any) -> None:
     """``--compile-cache DIR`` (default :func:`sora_jax.compile_cache.default_dir`; ``none`` disables)."""
     group.add_argument(
@@ -170,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=_positive(int), default=1)
     t.add_argument("--path", choices=train.PATHS, default="activation", help="adapter on activations or on weights")
     t.add_argument("--no-dropout", action="store_true", help="train without the model's dropout")
+    add_scan_arguments(t)
     t.add_argument(
         "--freeze-pooler",
         action="store_true",
@@ -314,6 +332,8 @@ def validate_run(args: argparse.Namespace, out_dir: Path) -> Any:
         mesh = make_mesh(args.mesh)
     except ValueError as e:
         raise UsageError(f"--mesh: {e}") from None
+    if args.remat != "none" and not args.scan_layers:
+        raise UsageError(f"--remat {args.remat} rematerialises scanned blocks; add --scan-layers")
     check_output_dir(out_dir)
     return mesh
 
@@ -488,7 +508,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # data first: a missing or malformed file fails before the model is loaded
     train_split = data.load_split(args.task, "train", data_dir, args.max_train_samples)
     dev_splits = {s: data.load_split(args.task, s, data_dir, args.max_eval_samples) for s in task.dev_splits}
-    model = sora_jax.load_pretrained(args.model, task="sequence_classification", num_labels=task.num_labels)
+    model = sora_jax.load_pretrained(
+        args.model,
+        task="sequence_classification",
+        num_labels=task.num_labels,
+        scan_layers=args.scan_layers,
+        remat=args.remat,
+    )
     if model.tokenizer is None:
         raise FileNotFoundError(
             f"model {args.model!r} ({model.path}) has no tokenizer files; save its tokenizer beside it "
@@ -530,6 +556,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lora_dropout=args.lora_dropout,
             target_modules=TARGETS[model_type],
             modules_to_save=head,
+            kernel_axes=model.kernel_axes(),
         )
     train_config = train.TrainConfig(
         lr=args.lr,
@@ -645,7 +672,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "final": history[-1],
         "timing": timing,
         "resumed_from_step": result.resumed_from,
-        "spectrum": update_spectrum(trainer, result.state, model.params, TARGETS[model_type]),
+        "spectrum": update_spectrum(trainer, result.state, model, TARGETS[model_type]),
     }
     save_npz_atomic(out_dir / "dev_predictions.npz", last_eval)
     adapter = trainer.adapter(result.state)
@@ -665,23 +692,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def update_spectrum(trainer: train.Trainer, state: train.TrainState, base: dict, targets: Sequence[str]) -> dict:
-    """Per adapted layer: entropy, effective rank and stable rank of ``Delta W`` (full fine-tuning: of
-    the trained minus the pretrained kernel of the same target modules)."""
+def update_spectrum(
+    trainer: train.Trainer, state: train.TrainState, model: sora_jax.PretrainedModel, targets: Sequence[str]
+) -> dict:
+    """Per adapted layer (Hugging Face's per-layer paths, also for scanned layers): entropy, effective rank
+    and stable rank of ``Delta W`` (full fine-tuning: of the trained minus the pretrained kernel of the
+    same target modules)."""
     params = jax.device_get(trainer.params(state))
     adapter = trainer.adapter(state)
     if adapter is not None:
-        return sora_jax.spectrum(params, jax.device_get(adapter))
+        return per_layer_spectrum(sora_jax.spectrum(params, jax.device_get(adapter)), model.stacked)
     from sora_jax.adapter import find_modules
     from sora_jax.spectrum import spectrum_of
 
     select = sora_jax.AdapterConfig(target_modules=tuple(targets))
-    new, old = find_modules(params), find_modules(base)
+    new, old = find_modules(model.per_layer(params)), find_modules(model.per_layer(model.params))
     return {
         p: spectrum_of(np.asarray(new[p].kernel, np.float64) - np.asarray(old[p].kernel, np.float64))
         for p in sorted(new)
         if select.targets(p)
     }
+
+
+def per_layer_spectrum(spec: dict[str, Any], stacked: str | None) -> dict[str, Any]:
+    """:func:`sora_jax.spectrum`'s result with a scanned stack's entries (lists over the ``L`` blocks at
+    ``stacked/...``) split into one entry per block at ``stacked_N/...``."""
+    out: dict[str, Any] = {}
+    for path, value in spec.items():
+        if stacked is None or not path.startswith(stacked + "/"):
+            out[path] = value
+            continue
+        for i in range(len(value["entropy"])):
+            out[f"{stacked}_{i}{path[len(stacked):]}"] = {k: v[i] for k, v in value.items()}
+    return dict(sorted(out.items()))
 
 
 # -- the grid ----------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ from glue import (  # noqa: E402
     Progress,
     _positive,
     add_compile_cache_argument,
+    add_scan_arguments,
     device_info,
+    per_layer_spectrum,
     versions,
     write_json_atomic,
 )
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-chunk", type=_positive(int), default=8192, help="vocabulary columns per loss chunk")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--zero-shot", action="store_true", help="no training: evaluate the base model")
+    add_scan_arguments(t)
     e = p.add_argument_group("evaluation")
     e.add_argument("--max-eval-samples", type=_positive(int), default=None, help="the first N of each test set")
     e.add_argument("--eval-batch-size", type=_positive(int), default=16)
@@ -221,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_rows = [train_rows[i] for i in np.random.default_rng(args.seed).permutation(len(train_rows))][
             : args.max_train_samples
         ]
-    model = sora_jax.load_pretrained(args.model, task="causal_lm")
+    model = sora_jax.load_pretrained(args.model, task="causal_lm", scan_layers=args.scan_layers, remat=args.remat)
     tok = model.tokenizer
     if tok is None:
         raise FileNotFoundError(f"model {args.model!r} has no tokenizer; save one beside it")
@@ -230,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     adapter_config = sora_jax.AdapterConfig(
         method=args.method, r=args.r, lora_alpha=args.lora_alpha, rotation_rank=args.rotation_rank,
         rotation=args.rotation, lora_dropout=args.lora_dropout, target_modules=targets, modules_to_save=(),
+        kernel_axes=model.kernel_axes(),
     )
     train_config = train.TrainConfig(
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_accum=args.grad_accum,
@@ -320,7 +324,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scores": scores,
         "timing": timing,
         "resumed_from_step": resumed_from,
-        "spectrum": {} if args.zero_shot else sora_jax.spectrum(jax.device_get(params), adapter),
+        "spectrum": {} if args.zero_shot else per_layer_spectrum(
+            sora_jax.spectrum(jax.device_get(params), adapter), model.stacked
+        ),
     }
     if not args.zero_shot:
         sora_jax.save_adapter(adapter, out_dir / "adapter")
@@ -335,6 +341,10 @@ USER_ERRORS = (ReasoningDataError, CheckpointError, sora_jax.AdapterError, FileN
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.remat != "none" and not args.scan_layers:
+        print(f"reasoning.py: error: --remat {args.remat} rematerialises scanned blocks; add --scan-layers",
+              file=sys.stderr)
+        return 2
     try:
         compile_cache.enable(args.compile_cache)
     except OSError as e:

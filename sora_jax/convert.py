@@ -10,6 +10,10 @@ are stored transposed (``W: (d_in, d_out)`` here, ``(d_out, d_in)`` in PyTorch).
 | `scale`     | `weight`     | same            |
 | `embedding` | `weight`     | same            |
 | other       | same name    | same            |
+
+A model with scanned layers (``scan_layers=True``) keeps its ``L`` blocks as one module whose leaves are
+stacked on a leading axis: ``encoder/layer/.../kernel (L, d_in, d_out)`` is
+``encoder.layer.{0..L-1}....weight`` (:func:`stack_layers`, :func:`unstack_layers`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,55 @@ def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
+
+
+def _node(tree: Mapping[str, Any], path: tuple[str, ...]) -> Mapping[str, Any]:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _replace_node(tree: Mapping[str, Any], path: tuple[str, ...], node: dict[str, Any]) -> dict[str, Any]:
+    if not path:
+        return node
+    out = dict(tree)
+    out[path[0]] = _replace_node(tree[path[0]], path[1:], node)
+    return out
+
+
+def stack_layers(params: Mapping[str, Any], stack: str) -> dict[str, Any]:
+    """``stack_0 ... stack_{L-1}`` (``stack`` a ``/``-joined path such as ``bert/encoder/layer``) -> one
+    subtree ``stack`` whose leaves are the blocks' leaves stacked on a new leading axis ``(L, ...)``.
+
+    Raises ``KeyError`` when the path's parent does not exist or holds no ``name_0``."""
+    import jax
+    import jax.numpy as jnp
+
+    *parent, name = stack.split("/")
+    node = _node(params, tuple(parent))
+    indexed = {int(m.group(2)): k for k in node if (m := _INDEXED.fullmatch(k)) and m.group(1) == name}
+    if not indexed:
+        raise KeyError(f"no {name}_0 under {'/'.join(parent)!r} to stack")
+    n = len(indexed)
+    if sorted(indexed) != list(range(n)):
+        raise KeyError(f"{stack}: blocks {sorted(indexed)} are not 0..{n - 1}")
+    new = {k: v for k, v in node.items() if k not in indexed.values()}
+    new[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[node[indexed[i]] for i in range(n)])
+    return _replace_node(params, tuple(parent), new)
+
+
+def unstack_layers(params: Mapping[str, Any], stack: str) -> dict[str, Any]:
+    """The inverse of :func:`stack_layers`: ``stack`` ``(L, ...)`` -> ``stack_0 ... stack_{L-1}``."""
+    import jax
+
+    *parent, name = stack.split("/")
+    node = _node(params, tuple(parent))
+    stacked = node[name]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    new = {k: v for k, v in node.items() if k != name}
+    for i in range(n):
+        new[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return _replace_node(params, tuple(parent), new)
 
 
 def params_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

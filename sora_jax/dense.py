@@ -540,20 +540,31 @@ def adapted_dense(
     (``config.lora_dropout``), folded with each module's path; ``None`` disables dropout (evaluation).
     ``fused``: see :func:`adapted_layer` (``None``, the default, chooses per layer by shape; both forms compute
     the same function).
-    Stacked kernels are not supported here (use :func:`sora_jax.apply_adapter`).
+    In a model with scanned layers (``sora_jax.models.common.scan_blocks``) a block passes its index
+    ``layer`` and its own ``(d_in, d_out)`` kernel slice; the module's adapter leaves are stacked
+    ``(L, ...)`` (``AdapterConfig.kernel_axes`` role ``"sio"``) and the block's slice is taken here.
     """
     config = adapter.config
 
     def dense_fn(
-        path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None, input_act: str | None = None
+        path: tuple[str, ...],
+        x: Array,
+        kernel: Array,
+        bias: Array | None,
+        input_act: str | None = None,
+        layer: Array | None = None,
     ) -> Array:
         key = "/".join(path)
         leaves = adapter.layers.get(key)
         if leaves is None:
             return default_dense(path, x, kernel, bias, input_act)
+        if layer is not None:
+            leaves = {k: v[layer] for k, v in leaves.items()}
         if kernel.ndim != 2:
             raise ValueError(f"activation path needs a 2-D kernel at {key!r}, got {kernel.shape}")
         k = None if dropout_rng is None else jax.random.fold_in(dropout_rng, zlib.crc32(key.encode()))
+        if k is not None and layer is not None:
+            k = jax.random.fold_in(k, layer)
         return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k, fused, input_act)
 
     return dense_fn

@@ -66,7 +66,7 @@ def hf_state_dict(model: PretrainedModel, params: Mapping[str, Any]) -> tuple[di
     A tied parameter (``ModelFamily.tied``) that still equals its source is left out when the config
     ties embeddings; if it differs, it is written and ``tie_word_embeddings`` becomes ``False``.
     """
-    flat = dict(convert.iter_paths(params))
+    flat = dict(convert.iter_paths(model.per_layer(params)))
     tie = bool(getattr(model.config, "tie_word_embeddings", False))
     skip: set[tuple[str, ...]] = set()
     for target, source in model.family.tied:

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -304,6 +305,17 @@ class PretrainedModel:
     task: str
     report: dict[str, Any]
     path: Path | None = None
+    stacked: str | None = None
+
+    def kernel_axes(self) -> tuple[tuple[str, str], ...]:
+        """``AdapterConfig.kernel_axes`` for this model's parameters: a scanned stack's kernels are
+        ``(L, d_in, d_out)`` (roles ``"sio"``); nothing to declare without scanned layers."""
+        return () if self.stacked is None else ((f"^{re.escape(self.stacked)}/", "sio"),)
+
+    def per_layer(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` with scanned layers unstacked into Hugging Face's per-layer form (``layer_N``);
+        ``params`` as they are for a model without scanned layers."""
+        return dict(params) if self.stacked is None else convert.unstack_layers(params, self.stacked)
 
     def apply(
         self,
@@ -355,6 +367,8 @@ def load_pretrained(
     seed: int = 0,
     revision: str | None = None,
     load_tokenizer: bool = True,
+    scan_layers: bool = False,
+    remat: str = "none",
 ) -> PretrainedModel:
     """Load a Hugging Face checkpoint into a sora-jax Flax model.
 
@@ -370,6 +384,9 @@ def load_pretrained(
       seed: seeds the initialisation of head parameters the checkpoint lacks.
       revision: a hub revision (hub ids only).
       load_tokenizer: load ``AutoTokenizer`` from the directory when tokenizer files are present.
+      scan_layers: run the repeated blocks under ``nn.scan`` (one compiled block; parameters stacked
+        ``(L, ...)`` at ``ModelFamily.layer_stack``, :func:`sora_jax.convert.stack_layers`); ``remat``: the
+        blocks' rematerialisation policy (:func:`sora_jax.models.common.scan_blocks`).
 
     Raises:
       CheckpointMismatchError: unsupported ``model_type``/task, or weights that do not fit (every
@@ -381,7 +398,10 @@ def load_pretrained(
     gguf_file = _gguf_file(name_or_path)
     if gguf_file is not None:
         config, state = read_gguf(gguf_file)
-        model = from_state_dict(config, state, task, num_labels, dtype, param_dtype, seed=seed, source=gguf_file)
+        model = from_state_dict(
+            config, state, task, num_labels, dtype, param_dtype, seed=seed, source=gguf_file, scan_layers=scan_layers,
+            remat=remat,
+        )
         if load_tokenizer:
             from transformers import AutoTokenizer
 
@@ -395,7 +415,10 @@ def load_pretrained(
     config = AutoConfig.from_pretrained(str(model_dir))
     _checked_family(config, task, model_dir)  # before reading any weights
     state, weights_file = read_state_dict(model_dir)
-    model = from_state_dict(config, state, task, num_labels, dtype, param_dtype, seed=seed, source=weights_file)
+    model = from_state_dict(
+        config, state, task, num_labels, dtype, param_dtype, seed=seed, source=weights_file, scan_layers=scan_layers,
+        remat=remat,
+    )
     model.tokenizer = _load_tokenizer(model_dir) if load_tokenizer else None
     model.path = model_dir
     return model
@@ -425,6 +448,8 @@ def from_state_dict(
     *,
     seed: int = 0,
     source: str | os.PathLike = "checkpoint",
+    scan_layers: bool = False,
+    remat: str = "none",
 ) -> PretrainedModel:
     """A :class:`PretrainedModel` (no tokenizer) from a ``transformers`` config and a state dict
     (``{Hugging Face key: array in PyTorch layout}``); ``source`` names the weights in messages and the
@@ -457,6 +482,18 @@ def from_state_dict(
         key = jax.random.fold_in(root, zlib.crc32(joined.encode()))
         convert.set_path(loaded, path, _init_leaf(key, path, tuple(shapes[path].shape), std))
     params = jax.tree.map(lambda v: jnp.asarray(v, dtype=param_dtype), loaded)
+    stacked = None
+    if scan_layers or remat != "none":
+        if family.layer_stack is None:
+            raise ValueError(
+                f"scan_layers is not available for model_type {config.model_type!r} (its family declares no "
+                f"layer_stack); load it with scan_layers=False"
+            )
+        if not scan_layers:
+            raise ValueError(f"remat={remat!r} applies to scanned layers; pass scan_layers=True with it")
+        stacked = f"{family.base_model_prefix}/{family.layer_stack}"
+        params = convert.stack_layers(params, stacked)
+        module = family.build(config, task, dtype, default_dense, scan_layers=True, remat=remat)
     if match.initialized:
         logger.warning(
             "%s: newly initialised parameters (train them before use): %s",
@@ -479,4 +516,5 @@ def from_state_dict(
         task=task,
         report=report,
         path=model_dir,
+        stacked=stacked,
     )

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, default_dense
+from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, at_layer, default_dense, scan_blocks
 
 Array = jax.Array
 
@@ -54,6 +54,10 @@ class BertSpec:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     num_labels: int = 2
+    # execution, not architecture (not in a transformers config): the encoder's blocks under nn.scan,
+    # with this rematerialisation policy (sora_jax.models.common.scan_blocks)
+    scan_layers: bool = False
+    remat: str = "none"
 
     @property
     def is_roberta(self) -> bool:
@@ -207,11 +211,13 @@ class Attention(_Base):
 
 
 class Layer(_Base):
-    """One encoder block: attention, ``intermediate/dense`` + activation, ``output``."""
+    """One encoder block: attention, ``intermediate/dense`` + activation, ``output``; ``index``: its place in a
+    scanned stack (``common.at_layer``)."""
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
-        kw = dict(spec=self.spec, dense_fn=self.dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
+    def __call__(self, x: Array, bias: Array, deterministic: bool, index: Array | None = None) -> Array:
+        dense_fn = at_layer(self.dense_fn, index)
+        kw = dict(spec=self.spec, dense_fn=dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
         x = Attention(**kw, name="attention")(x, bias, deterministic)
         pre = Intermediate(**kw, name="intermediate")(x)
         return Output(**kw, input_act=self.spec.hidden_act, name="output")(pre, x, deterministic)
@@ -227,12 +233,16 @@ class Intermediate(_Base):
 
 
 class Encoder(_Base):
-    """``layer_0`` ... ``layer_{L-1}``."""
+    """``layer_0`` ... ``layer_{L-1}``; with ``spec.scan_layers`` one scanned ``layer`` (leaves ``(L, ...)``)."""
 
     @nn.compact
     def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
         kw = dict(spec=self.spec, dense_fn=self.dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
-        for i in range(self.spec.num_hidden_layers):
+        n = self.spec.num_hidden_layers
+        if self.spec.scan_layers:
+            x, _ = scan_blocks(Layer(**kw, name="layer"), x, n, bias, deterministic, remat=self.spec.remat)
+            return x
+        for i in range(n):
             x = Layer(**kw, name=f"layer_{i}")(x, bias, deterministic)
         return x
 
@@ -337,12 +347,16 @@ def build(
     dtype: Any = jnp.float32,
     dense_fn: Callable[..., Array] = default_dense,
     param_dtype: Any = jnp.float32,
+    *,
+    scan_layers: bool = False,
+    remat: str = "none",
 ) -> BertForTask:
-    """A :class:`BertForTask` for a ``transformers`` BERT/RoBERTa config (``ModelFamily.build``)."""
+    """A :class:`BertForTask` for a ``transformers`` BERT/RoBERTa config (``ModelFamily.build``);
+    ``scan_layers``/``remat``: see :func:`sora_jax.models.common.scan_blocks`."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not supported by BERT/RoBERTa; supported: {TASKS}")
     return BertForTask(
-        spec=BertSpec.from_hf(hf_config),
+        spec=dataclasses.replace(BertSpec.from_hf(hf_config), scan_layers=scan_layers, remat=remat),
         task=task,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -365,6 +379,7 @@ BERT_FAMILY = ModelFamily(
     base_model_prefix="bert",
     head_prefixes=("classifier",),
     ignore_hf_keys=_IGNORE,
+    layer_stack="encoder/layer",
 )
 
 ROBERTA_FAMILY = ModelFamily(
@@ -377,6 +392,7 @@ ROBERTA_FAMILY = ModelFamily(
     # a base model loaded from a classification checkpoint gets a fresh one (as in transformers)
     ignore_hf_keys=(*_IGNORE, r"^roberta\.pooler\."),
     init_if_missing=("roberta/pooler",),
+    layer_stack="encoder/layer",
 )
 
 FAMILY = BERT_FAMILY

@@ -19,6 +19,13 @@ that keeps its input for a gradient can then keep the pre-activation, which the 
 derivative keeps anyway, and recompute the activation. A dense function without an ``input_act``
 parameter is handed ``act(x)`` instead.
 
+Scanned layers (:func:`scan_blocks`): a model built with ``scan_layers=True`` runs its ``L`` identical
+blocks under ``nn.scan``: one compiled block instead of ``L`` (compile time independent of depth), with
+each parameter stacked along a leading axis, ``encoder/layer/.../kernel (L, d_in, d_out)`` for Hugging
+Face's ``encoder.layer.N....weight`` (:func:`sora_jax.convert.stack_layers`). Inside the scan a block
+sees its own ``(d_in, d_out)`` slice, and calls ``dense_fn(..., layer=i)`` with its index ``i`` (a traced
+integer) when the dense function accepts ``layer``: an adapter's stacked leaves are sliced with it.
+
 Naming convention (so that Hugging Face conversion is one generic table, see ``sora_jax.convert``):
 a parameter path is the Hugging Face name with ``.`` replaced by ``/`` and ``layer.N`` written
 ``layer_N``; leaf names are ``kernel`` (a transposed ``nn.Linear.weight``), ``bias``, ``scale`` (a
@@ -28,6 +35,7 @@ norm's ``weight``) and ``embedding`` (an ``nn.Embedding.weight``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -64,13 +72,71 @@ def default_dense(
     return y.reshape(*lead, kernel.shape[-1])
 
 
-def takes_input_act(dense_fn: Callable[..., Array]) -> bool:
-    """Whether ``dense_fn`` accepts the ``input_act`` keyword (see the module docstring)."""
+def takes_keyword(dense_fn: Callable[..., Array], name: str) -> bool:
+    """Whether ``dense_fn`` accepts the keyword ``name`` (``input_act``, ``layer``; module docstring)."""
     try:
         params = inspect.signature(dense_fn).parameters
     except (TypeError, ValueError):  # no signature to read: assume the plain contract
         return False
-    return "input_act" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def takes_input_act(dense_fn: Callable[..., Array]) -> bool:
+    """Whether ``dense_fn`` accepts the ``input_act`` keyword (see the module docstring)."""
+    return takes_keyword(dense_fn, "input_act")
+
+
+def at_layer(dense_fn: Callable[..., Array], index: Array | None) -> Callable[..., Array]:
+    """``dense_fn`` for block ``index`` of a scanned stack: ``layer=index`` is passed to a dense function
+    that takes ``layer`` (an adapter's stacked leaves are sliced with it); others are returned as they are."""
+    if index is None or not takes_keyword(dense_fn, "layer"):
+        return dense_fn
+    return functools.partial(dense_fn, layer=index)
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def _remat_policy(name: str) -> Callable[..., Any] | None:
+    return {
+        "full": None,  # save nothing: recompute the whole block in the backward pass
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def scan_blocks(
+    block: nn.Module,
+    carry: Any,
+    length: int,
+    *args: Any,
+    remat: str = "none",
+    scanned: tuple[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Run ``block`` (a module whose parameters get a leading axis of ``length``) ``length`` times under
+    ``nn.scan``: ``block(carry, *args, index=i, **kwargs)`` for ``i = 0 .. length-1``, each call returning
+    the next carry, or ``(carry, y_i)``. ``scanned = (name, xs)``: also pass ``name=x_i``, the ``i``-th slice
+    of the pytree ``xs`` of ``(length, ...)`` arrays (a stacked key/value cache). ``args``/``kwargs`` are
+    the same for every block. Returns ``(carry, the y_i stacked, or None)``.
+
+    ``remat``: ``"none"`` keeps what autodiff keeps; ``"full"`` recomputes the block in the backward pass
+    (only its input is kept); ``"dots"`` / ``"dots_no_batch"`` keep matmul outputs
+    (``jax.checkpoint_policies``). Dropout and parameter initialisation get a separate key per block."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    name, xs = scanned if scanned is not None else (None, None)
+
+    def body(module: nn.Module, c: Any, step: tuple[Array, Any]) -> tuple[Any, Any]:
+        index, x = step
+        extra = {} if name is None else {name: x}
+        out = module(c, *args, index=index, **kwargs, **extra)
+        return out if isinstance(out, tuple) else (out, None)
+
+    if remat != "none":
+        body = nn.remat(body, prevent_cse=False, policy=_remat_policy(remat))
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=length)
+    return scan(block, carry, (jnp.arange(length), xs))
 
 
 class Linear(nn.Module):
@@ -119,6 +185,8 @@ class ModelFamily:
       init_if_missing: ``/``-joined path prefixes of non-head parameters that are initialised (and
         reported) when a checkpoint lacks them, as ``transformers`` does (a base model's pooler loaded
         from a checkpoint of a task model that has none).
+      layer_stack: the path of the repeated blocks under the base model (``"encoder/layer"`` for
+        ``bert/encoder/layer_N``): built with ``scan_layers=True`` they are one stacked module there.
     """
 
     model_types: tuple[str, ...]
@@ -129,3 +197,4 @@ class ModelFamily:
     ignore_hf_keys: tuple[str, ...] = ()
     tied: tuple[tuple[str, str], ...] = ()
     init_if_missing: tuple[str, ...] = ()
+    layer_stack: str | None = None

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, default_dense
+from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, at_layer, default_dense, scan_blocks
 
 Array = jax.Array
 
@@ -70,6 +70,10 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     num_labels: int = 2
+    # execution, not architecture (not in a transformers config): the decoder's blocks under nn.scan, with
+    # this rematerialisation policy (sora_jax.models.common.scan_blocks)
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -288,10 +292,12 @@ class LlamaDecoderLayer(_Block):
         deterministic: bool = True,
         cache: LayerCache | None = None,
         cache_index: Array | int = 0,
+        index: Array | None = None,
     ) -> tuple[Array, LayerCache | None]:
-        """As :class:`LlamaAttention`: ``(output (batch, seq, hidden), the updated cache or None)``."""
+        """As :class:`LlamaAttention`: ``(output (batch, seq, hidden), the updated cache or None)``;
+        ``index``: the block's place in a scanned stack (``common.at_layer``)."""
         c = self.config
-        kw = dict(config=c, dense_fn=self.dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(config=c, dense_fn=at_layer(self.dense_fn, index), dtype=self.dtype, param_dtype=self.param_dtype)
         norm_kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(**norm_kw, name="input_layernorm")(x)
         h, cache = LlamaAttention(**kw, name="self_attn")(h, cos, sin, mask, deterministic, cache, cache_index)
@@ -396,7 +402,10 @@ class LlamaModel(_Block):
             param_dtype=self.param_dtype,
             embedding_init=nn.initializers.normal(c.initializer_range),
         )
-        self.layers = [LlamaDecoderLayer(**kw) for _ in range(c.num_hidden_layers)]
+        if c.scan_layers:
+            self.layers = LlamaDecoderLayer(**kw)
+        else:
+            self.layers = [LlamaDecoderLayer(**kw) for _ in range(c.num_hidden_layers)]
         self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(
@@ -422,13 +431,24 @@ class LlamaModel(_Block):
             position_ids = jnp.arange(t)[None, :] + jnp.asarray(cache_index)
         position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (b, t))
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config), self.dtype)
-        keys = t if cache is None else check_cache(cache, len(self.layers), attention_mask, b)
+        c = self.config
+        keys = t if cache is None else check_cache(cache, c.num_hidden_layers, attention_mask, b)
         mask = decoder_mask(attention_mask, b, t, keys, cache_index)
         h = self.embed_tokens(input_ids)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            h, layer_cache = layer(h, cos, sin, mask, deterministic, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
+        if c.scan_layers:
+            # the per-layer cache list is stacked for the scan and split again (a copy per call)
+            stacked = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *cache)
+            h, stacked = scan_blocks(
+                self.layers, h, c.num_hidden_layers, cos, sin, mask, deterministic, remat=c.remat,
+                scanned=("cache", stacked), cache_index=cache_index,
+            )
+            new_cache = [] if cache is None else [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(cache))]
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else cache[i]
+                h, layer_cache = layer(h, cos, sin, mask, deterministic, layer_cache, cache_index)
+                new_cache.append(layer_cache)
         out: dict[str, Any] = {"last_hidden_state": self.norm(h)}
         if cache is not None:
             out["cache"] = new_cache
@@ -515,15 +535,20 @@ def build(
     dtype: Any = jnp.float32,
     dense_fn: Callable[..., Array] | None = default_dense,
     param_dtype: Any = jnp.float32,
+    *,
+    scan_layers: bool = False,
+    remat: str = "none",
 ) -> LlamaForTask:
     """A :class:`LlamaForTask` from a Hugging Face config (``transformers.LlamaConfig``, its
     ``config.json`` dict, or a :class:`LlamaConfig`); ``ModelFamily.build``.
 
-    ``dtype`` is the compute dtype, ``param_dtype`` the parameters' dtype.
+    ``dtype`` is the compute dtype, ``param_dtype`` the parameters' dtype; ``scan_layers``/``remat``: see
+    :func:`sora_jax.models.common.scan_blocks`.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r} for LLaMA; choose one of {TASKS}.")
     config = hf_config if isinstance(hf_config, LlamaConfig) else LlamaConfig.from_hf(hf_config)
+    config = dataclasses.replace(config, scan_layers=scan_layers, remat=remat)
     return LlamaForTask(
         config=config, dense_fn=dense_fn or default_dense, dtype=dtype, param_dtype=param_dtype, task=task
     )
@@ -534,6 +559,7 @@ FAMILY = ModelFamily(
     build=build,
     tasks=TASKS,
     base_model_prefix="model",
+    layer_stack="layers",
     head_prefixes=("lm_head", "score"),
     # Rotary buffers (not persistent in current transformers, present in some older checkpoints).
     ignore_hf_keys=(r"(^|\.)rotary_emb\.(original_)?inv_freq$",),
