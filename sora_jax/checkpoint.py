@@ -260,16 +260,24 @@ class Checkpointer:
         )
 
     def _restore_step(self, target: Any, step: int) -> tuple[Any, dict[str, Any]]:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-        meta = dict(restored["meta"])
+        # the metadata first: a checkpoint of another configuration is reported as such, not as damaged
+        meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         if meta.get("fingerprint") not in self._known:
             raise ConfigMismatchError(
                 f"checkpoint step {step} in {self.directory} has config fingerprint {meta.get('fingerprint')}, "
                 f"this run has {self.fingerprint}; resume with the original settings"
             )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise ConfigMismatchError(
+                f"checkpoint step {step} in {self.directory} holds a training state of another structure than this "
+                f"version builds (it was written by an older sora-jax); it cannot be resumed. Nothing was changed; "
+                f"start the run again in a new output directory (or with --overwrite, which deletes it)"
+            ) from None
         state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored["state"]))
         stored = meta.get("checksums")
         if stored is not None:

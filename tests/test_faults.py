@@ -94,6 +94,18 @@ def _saved(tmp_path: Path) -> tuple[Checkpointer, dict, dict]:
     return ck, states, {"w": jnp.zeros(20000), "m": {"v": jnp.zeros((16, 16))}}
 
 
+def test_checkpoint_of_another_state_structure_is_not_called_damaged(tmp_path: Path):
+    """A step written with another state layout (an older version's optimizer state, say) under the same
+    configuration is one clear error naming the cause and the fix; it is neither set aside nor skipped."""
+    _, _, _ = _saved(tmp_path)
+    other = {"w": jnp.zeros(20000), "m": [jnp.zeros((16, 16))]}  # a list where the checkpoint has a dict
+    ck = Checkpointer(tmp_path / "ck", {"x": 1}, keep=5, resume=True)
+    with pytest.raises(ConfigMismatchError, match=r"another structure .* older sora-jax.*--overwrite"):
+        ck.restore(other)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name[0].isdigit()) == ["1", "2", "3"]
+    assert not list((tmp_path / "ck").glob("damaged-*"))
+
+
 def _array_files(step_dir: Path) -> list[Path]:
     """The files of the saved array data (orbax/TensorStore chunks in ``d/`` folders), largest first."""
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d" and "ocdbt" in str(p)]
