@@ -236,7 +236,7 @@ def test_adapter_unmerged_merged_and_from_a_directory(setup, tmp_path):
 
     path, model, ref, tok = setup
     config = sora_jax.AdapterConfig(method="sora", r=4, lora_alpha=8, rotation_rank=1,
-                                    target_modules=["q_proj", "v_proj", "down_proj"])
+                                    target_modules=["q_proj", "down_proj"])
     adapter = sora_jax.init_adapter(jax.random.key(0), model.params, config)
     keys = iter(jax.random.split(jax.random.key(1), 1000))
     adapter = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), adapter)
@@ -255,6 +255,23 @@ def test_adapter_unmerged_merged_and_from_a_directory(setup, tmp_path):
                                 for k, v in params_to_hf(sora_jax.merge(model.params, adapter)).items()}, strict=False)
     ref_merged.tie_weights()
     np.testing.assert_allclose(merged, run(_hflm(ref_merged, tok)), atol=TOL, rtol=0)
+
+
+def test_peft_adapter_directory(setup, tmp_path):
+    """A DoRA adapter written in PEFT's layout (export_peft_adapter) and given by path scores as the
+    Adapter object does (both merged: the base model's compiled shapes)."""
+    path, model, ref, tok = setup
+    config = sora_jax.AdapterConfig(method="dora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    adapter = sora_jax.init_adapter(jax.random.key(2), model.params, config)
+    keys = iter(jax.random.split(jax.random.key(3), 1000))
+    adapter = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), adapter)
+    sora_jax.export_peft_adapter(model, adapter, tmp_path / "peft")
+    pairs = [(c, x) for c in CONTEXTS[1:] for x in CONTINUATIONS[:3]]
+    run = lambda scorer: np.array([x for x, _ in scorer.loglikelihood(_instances("loglikelihood", pairs))])
+    from_dir = run(SoraJaxLM(model, adapter=str(tmp_path / "peft"), merge=True, batch_size=4))
+    np.testing.assert_allclose(from_dir, run(SoraJaxLM(model, adapter=adapter, merge=True, batch_size=4)),
+                               atol=TOL, rtol=0)
+    assert np.abs(from_dir - run(SoraJaxLM(model, batch_size=4))).max() > 0.1
 
 
 # -- the command line and bad input ------------------------------------------------------------------------
