@@ -159,6 +159,37 @@ def test_scoring_compiles_few_shapes(setup):
     assert harness._score._cache_size() - before == 3
 
 
+def test_score_windows_on_gemma2_with_final_softcap(setup, tmp_path):
+    """Another family through the same code: a tiny Gemma 2 (final logit soft-capping 3.0, sliding window 5)
+    saved and loaded; per-row log-probabilities and greedy flags against torch's log-softmax of
+    transformers' logits. Half the rows end in torch's own greedy tokens (flag True)."""
+    import test_gemma
+
+    path, _, _, tok = setup
+    ref = test_llama.torch_model(test_gemma.hf_config("gemma2"), transformers.Gemma2ForCausalLM)
+    ref.save_pretrained(tmp_path / "gemma2")
+    model = sora_jax.load_pretrained(tmp_path / "gemma2", task="causal_lm", load_tokenizer=False)
+    rng = np.random.default_rng(0)
+    rows, expected = [], []
+    for i, n in enumerate(rng.integers(8, 30, 6)):
+        ctx = rng.integers(1, 128, int(n)).tolist()
+        with torch.no_grad():
+            cont = ref.generate(input_ids=torch.tensor([ctx]), max_new_tokens=3, do_sample=False,
+                                pad_token_id=0)[0, len(ctx) :].tolist()
+        if i % 2:
+            cont[-1] = (cont[-1] + 1) % 128
+        toks = ctx + cont
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([toks[:-1]])).logits[0].double(), -1).numpy()
+        pos = np.arange(len(toks) - 1 - len(cont), len(toks) - 1)
+        labels = np.asarray(toks[1:])[pos]
+        expected.append((logp[pos, labels].sum(), bool((logp[pos].argmax(-1) == labels).all())))
+        rows.append((toks, len(cont)))
+    got = SoraJaxLM(model, tokenizer=tok, batch_size=4, max_length=32).score_windows(rows)
+    np.testing.assert_allclose([x for x, _ in got], [x for x, _ in expected], atol=TOL, rtol=0)
+    assert [g for _, g in got] == [g for _, g in expected] == [True, False] * 3
+
+
 # -- (b) a local multiple-choice task through simple_evaluate -------------------------------------------------
 def _local_task(tmp_path: Path) -> list[dict]:
     docs = [
