@@ -94,14 +94,19 @@ def _score(
     out_params = params
     if adapter is not None:
         module = module.clone(dense_fn=adapted_dense(adapter))
-        # an adapted output projection (rare) is taken effective; XLA drops the unused rest of the tree
-        out_params = apply_adapter(params, adapter)
+        if "lm_head" in adapter.layers:  # an adapted output projection: its effective kernel
+            out_params = apply_adapter({"lm_head": params["lm_head"]}, _only(adapter, "lm_head"))
     h = module.apply({"params": params}, input_ids, return_logits=False)["last_hidden_state"]
     b, t, d = h.shape
     logp, greedy = token_logprobs(h.reshape(b * t, d), output_kernel(out_params), labels.reshape(-1), chunk, softcap)
     scored = weights > 0
     total = jnp.sum(jnp.where(scored, logp.reshape(b, t), 0.0), axis=1)
     return total, jnp.all(greedy.reshape(b, t) | ~scored, axis=1)
+
+
+def _only(adapter: Adapter, path: str) -> Adapter:
+    """``adapter`` restricted to the module at ``path``."""
+    return Adapter(adapter.config, {path: adapter.layers[path]})
 
 
 def _load_adapter(adapter: Any, model: Any) -> tuple[Adapter, Any]:

@@ -18,22 +18,20 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import lm_eval  # the optional extra sora-jax[eval], part of the test extra
 import numpy as np
 import pytest
 import test_llama
 import torch
 import transformers
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 from test_reasoning import tiny_model_dir
 
 import sora_jax
 from sora_jax import lm
-
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional extra sora-jax[eval]; CI installs it")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from sora_jax.harness import SoraJaxLM  # noqa: E402
+from sora_jax.harness import SoraJaxLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
