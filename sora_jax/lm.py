@@ -3,6 +3,8 @@
 - :func:`chunked_cross_entropy`: token cross-entropy over the vocabulary in chunks (an online
   log-sum-exp, each chunk recomputed in the backward pass), so that the ``(tokens, vocab)`` logits are
   never held at once: ``O(tokens x chunk)`` memory. Value and gradient equal the plain loss.
+- :func:`token_logprobs`: per-token log-probabilities of given labels and whether each is the arg-max,
+  the same chunked way (forward only; scoring for evaluation, :mod:`sora_jax.harness`).
 - :func:`causal_lm_loss`: the ``loss_fn`` of :class:`sora_jax.train.Trainer` for a causal LM run with
   ``return_logits=False`` (the output projection taken from the parameters: the tied input embedding or
   ``lm_head``; Gemma's final soft-capping applied per chunk).
@@ -37,6 +39,22 @@ PROMPT_WITH_INPUT = (
 
 
 # -- the loss ----------------------------------------------------------------------------------------
+def _chunk_logits(
+    hidden: Array, out_kernel: Array, i: Array, chunk: int, softcap: float | None, f: Any
+) -> tuple[Array, Array, Array]:
+    """Vocabulary chunk ``i``: logits ``(N, chunk)`` (``-inf`` on columns an earlier chunk counted: the
+    last chunk overlaps the one before), their column ids ``(chunk,)`` and the mask of fresh columns."""
+    v = out_kernel.shape[1]
+    start = jnp.minimum(i * chunk, v - chunk)
+    w = jax.lax.dynamic_slice_in_dim(out_kernel, start, chunk, axis=1)
+    logits = jnp.dot(hidden, w.astype(hidden.dtype), preferred_element_type=f)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    cols = start + jnp.arange(chunk)
+    fresh = cols >= i * chunk  # columns not counted by an earlier chunk
+    return jnp.where(fresh[None, :], logits, -jnp.inf), cols, fresh
+
+
 def chunked_cross_entropy(
     hidden: Array, out_kernel: Array, labels: Array, weights: Array, chunk: int = 8192, softcap: float | None = None
 ) -> tuple[Array, Array]:
@@ -61,14 +79,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def body(carry, i):
         m, s, gold = carry
-        start = jnp.minimum(i * chunk, v - chunk)
-        w = jax.lax.dynamic_slice_in_dim(out_kernel, start, chunk, axis=1)
-        logits = jnp.dot(hidden, w.astype(hidden.dtype), preferred_element_type=f)
-        if softcap is not None:
-            logits = softcap * jnp.tanh(logits / softcap)
-        cols = start + jnp.arange(chunk)
-        fresh = cols >= i * chunk  # columns not counted by an earlier chunk
-        logits = jnp.where(fresh[None, :], logits, -jnp.inf)
+        logits, cols, fresh = _chunk_logits(hidden, out_kernel, i, chunk, softcap, f)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
         gold = gold + jnp.sum(jnp.where((cols[None, :] == labels[:, None]) & fresh[None, :], logits, 0.0), axis=1)
@@ -79,6 +90,42 @@ def chunked_cross_entropy(
     per = m + jnp.log(s) - gold
     w = weights.astype(f)
     return jnp.sum(jnp.where(w > 0, per * w, 0.0)), jnp.sum(w)
+
+
+def token_logprobs(
+    hidden: Array, out_kernel: Array, labels: Array, chunk: int = 8192, softcap: float | None = None
+) -> tuple[Array, Array]:
+    """Per-token ``log p(label)`` and whether ``label`` is the arg-max, with the logits
+    ``softcap(hidden @ out_kernel)`` formed chunk by chunk (as :func:`chunked_cross_entropy`; forward only).
+
+    Args:
+      hidden: ``(N, H)``; out_kernel: ``(H, V)``; labels: ``(N,)`` int; chunk, softcap: as
+        :func:`chunked_cross_entropy`.
+
+    Returns:
+      ``(logprob (N,), greedy (N,) bool)``: float32 (float64 for float64 inputs) log-probabilities, and
+      ``label == argmax(logits)`` (the first maximum on ties, as ``argmax``).
+    """
+    n, _ = hidden.shape
+    v = out_kernel.shape[1]
+    chunk = int(min(chunk, v))
+    labels = labels.astype(jnp.int32)
+    f = jnp.promote_types(hidden.dtype, jnp.float32)
+
+    def body(carry, i):
+        m, s, gold, best = carry
+        logits, cols, fresh = _chunk_logits(hidden, out_kernel, i, chunk, softcap, f)
+        c_max = jnp.max(logits, axis=1)
+        c_arg = cols[jnp.argmax(logits, axis=1)]
+        best = jnp.where(c_max > m, c_arg, best)  # strict: an earlier chunk keeps a tie
+        m_new = jnp.maximum(m, c_max)
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+        gold = gold + jnp.sum(jnp.where((cols[None, :] == labels[:, None]) & fresh[None, :], logits, 0.0), axis=1)
+        return (m_new, s, gold, best), None
+
+    init = (jnp.full((n,), -jnp.inf, f), jnp.zeros((n,), f), jnp.zeros((n,), f), jnp.zeros((n,), jnp.int32))
+    (m, s, gold, best), _ = jax.lax.scan(body, init, jnp.arange(-(-v // chunk)))
+    return gold - m - jnp.log(s), best == labels
 
 
 def output_kernel(params: Mapping[str, Any]) -> Array:
