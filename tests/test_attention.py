@@ -138,3 +138,36 @@ def test_backward_keeps_the_probabilities_and_shares_q_k_v():
     per_block = (_stack_temp_bytes(dot_product_attention, 6, shape)
                  - _stack_temp_bytes(dot_product_attention, 2, shape)) / 4
     assert per_block <= P + 4 * qkv + 4 * row, per_block / P
+
+
+def test_backend_switch_fused_path_equals_the_custom_one(monkeypatch):
+    """On a CPU the custom form runs; ``SORA_JAX_ATTENTION=fused`` (the GPU default without dropout) hands the
+    call to ``jax.nn.dot_product_attention`` with the same mask, bias and grouped heads: the same values and
+    gradients. Dropout always stays custom; an unknown setting is one clear error."""
+    from sora_jax.models import attention
+
+    assert jax.default_backend() != "gpu" and attention.implementation() == "custom"
+    ks = jax.random.split(jax.random.key(3), 5)
+    q, w = (jax.random.normal(kk, (B, T, 4, D)) for kk in ks[:2])
+    k, v = (jax.random.normal(kk, (B, T, 2, D)) for kk in ks[2:4])
+    bias = jax.random.normal(ks[4], (1, 4, T, T))
+    mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
+
+    def run():
+        f = lambda q, k, v: jnp.sum(w * dot_product_attention(q, k, v, bias=bias, mask=mask, scale=0.3))  # noqa: E731
+        return jax.value_and_grad(f, (0, 1, 2))(q, k, v)
+
+    custom = run()
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("SORA_JAX_ATTENTION", "fused")
+    assert attention.implementation() == "fused" and attention.implementation(dropout=True) == "custom"
+    fused = run()
+    assert calls
+    np.testing.assert_allclose(fused[0], custom[0], **TOL)
+    for a, b in zip(fused[1], custom[1], strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    monkeypatch.setenv("SORA_JAX_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="SORA_JAX_ATTENTION='flash'; choose one of auto, custom, fused"):
+        attention.implementation()

@@ -19,11 +19,17 @@ them. The backward pass, with ``P~ = P * M / (1 - p)``:
 and it makes the transposed copies its matmuls need itself (:func:`sora_jax.models.recompute.after`).
 On ``minilm`` at batch 32 x 128 that is about 50 MiB less per block for every training step
 (experiments/PERF.md, change 13).
+
+Backends. That form is tuned for XLA's CPU backend. On a GPU, without dropout, the call goes to
+:func:`jax.nn.dot_product_attention` instead, whose ``implementation=None`` picks cuDNN's fused attention
+where it applies (and XLA's form elsewhere); ``$SORA_JAX_ATTENTION`` (``auto``, ``custom``, ``fused``)
+overrides the choice (:func:`implementation`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +84,23 @@ def _attention_bwd(scale: float, rate: float, res, g: Array):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+IMPLEMENTATIONS = ("auto", "custom", "fused")
+
+
+def implementation(dropout: bool = False) -> str:
+    """``"custom"`` (this module's form) or ``"fused"`` (:func:`jax.nn.dot_product_attention`): by
+    ``$SORA_JAX_ATTENTION``, else ``"fused"`` on a GPU without dropout and ``"custom"`` otherwise. Dropout
+    on the probabilities always takes the custom form (the fused one has none)."""
+    choice = os.environ.get("SORA_JAX_ATTENTION", "auto").strip().lower()
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(f"SORA_JAX_ATTENTION={choice!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    if dropout:
+        return "custom"
+    if choice == "auto":
+        return "fused" if jax.default_backend() == "gpu" else "custom"
+    return choice
+
+
 def dot_product_attention(
     q: Array, k: Array, v: Array, bias: Array | None = None, mask: Array | None = None,
     scale: float | None = None, *, dropout_rate: float = 0.0, dropout_rng: Array | None = None,
@@ -100,12 +123,15 @@ def dot_product_attention(
     if mask is not None:
         masked = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
         bias = masked if bias is None else bias.astype(jnp.float32) + masked
+    dropped = dropout_rng is not None and dropout_rate > 0.0
+    scale = float(D**-0.5 if scale is None else scale)
+    if implementation(dropped) == "fused":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale).astype(q.dtype)
     if bias is not None:  # (B|1, H|1, T|1, S|1) -> (B|1, K|1, G|1, T|1, S|1)
         b0, h0, t0, s0 = bias.shape
         bias = bias.reshape(b0, 1, 1, t0, s0) if h0 == 1 else bias.reshape(b0, K, G, t0, s0)
     keep = None
-    if dropout_rng is not None and dropout_rate > 0.0:
+    if dropped:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (B, H, T, S)).reshape(B, K, G, T, S)
-    out = _attention(q.reshape(B, T, K, G, D), k, v, bias, keep, float(D**-0.5 if scale is None else scale),
-                     float(dropout_rate))
+    out = _attention(q.reshape(B, T, K, G, D), k, v, bias, keep, scale, float(dropout_rate))
     return out.reshape(B, T, H, D)
