@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -111,26 +111,26 @@ def scan_blocks(
     length: int,
     *args: Any,
     remat: str = "none",
-    scanned: tuple[str, Any] | None = None,
+    scanned: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
     """Run ``block`` (a module whose parameters get a leading axis of ``length``) ``length`` times under
-    ``nn.scan``: ``block(carry, *args, index=i, **kwargs)`` for ``i = 0 .. length-1``, each call returning
-    the next carry, or ``(carry, y_i)``. ``scanned = (name, xs)``: also pass ``name=x_i``, the ``i``-th slice
-    of the pytree ``xs`` of ``(length, ...)`` arrays (a stacked key/value cache). ``args``/``kwargs`` are
-    the same for every block. Returns ``(carry, the y_i stacked, or None)``.
+    ``nn.scan``: ``block(carry, *args, index=i, **kwargs, **slices_i)`` for ``i = 0 .. length-1``, each call
+    returning the next carry, or ``(carry, y_i)``. ``scanned``: ``{name: xs}``, pytrees of ``(length, ...)``
+    arrays whose ``i``-th slices are passed as ``name=`` (a stacked key/value cache, per-layer masks; a
+    ``None`` value is passed as ``None``). ``args``/``kwargs`` are the same for every block. Returns
+    ``(carry, the y_i stacked, or None)``.
 
     ``remat``: ``"none"`` keeps what autodiff keeps; ``"full"`` recomputes the block in the backward pass
     (only its input is kept); ``"dots"`` / ``"dots_no_batch"`` keep matmul outputs
     (``jax.checkpoint_policies``). Dropout and parameter initialisation get a separate key per block."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
-    name, xs = scanned if scanned is not None else (None, None)
+    xs = dict(scanned or {})
 
-    def body(module: nn.Module, c: Any, step: tuple[Array, Any]) -> tuple[Any, Any]:
-        index, x = step
-        extra = {} if name is None else {name: x}
-        out = module(c, *args, index=index, **kwargs, **extra)
+    def body(module: nn.Module, c: Any, step: tuple[Array, dict[str, Any]]) -> tuple[Any, Any]:
+        index, slices = step
+        out = module(c, *args, index=index, **kwargs, **slices)
         return out if isinstance(out, tuple) else (out, None)
 
     if remat != "none":

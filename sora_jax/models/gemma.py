@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.common import ACTIVATIONS, ModelFamily, default_dense
+from sora_jax.models.common import ACTIVATIONS, ModelFamily, at_layer, default_dense, scan_blocks
 from sora_jax.models.llama import (
     LayerCache,
     LlamaConfig,
@@ -95,6 +95,9 @@ class GemmaConfig:
     pad_token_id: int | None = None
     num_labels: int = 2
     mlp_bias: bool = False  # Gemma has none; LlamaMLP reads it
+    # execution, not architecture: the blocks under nn.scan (sora_jax.models.common.scan_blocks)
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -299,9 +302,10 @@ class GemmaDecoderLayer(_Block):
         deterministic: bool = True,
         cache: LayerCache | None = None,
         cache_index: Array | int = 0,
+        index: Array | None = None,
     ) -> tuple[Array, LayerCache | None]:
         c = self.config
-        kw = dict(config=c, dense_fn=self.dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(config=c, dense_fn=at_layer(self.dense_fn, index), dtype=self.dtype, param_dtype=self.param_dtype)
         norm_kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = GemmaRMSNorm(**norm_kw, name="input_layernorm")(x)
         h, cache = GemmaAttention(**kw, name="self_attn")(h, cos, sin, mask, deterministic, cache, cache_index)
@@ -329,7 +333,10 @@ class GemmaModel(_Block):
             param_dtype=self.param_dtype,
             embedding_init=nn.initializers.normal(c.initializer_range),
         )
-        self.layers = [GemmaDecoderLayer(**kw) for _ in range(c.num_hidden_layers)]
+        if c.scan_layers:
+            self.layers = GemmaDecoderLayer(**kw)
+        else:
+            self.layers = [GemmaDecoderLayer(**kw) for _ in range(c.num_hidden_layers)]
         self.norm = GemmaRMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(
@@ -348,7 +355,7 @@ class GemmaModel(_Block):
         if position_ids is None:
             position_ids = jnp.arange(t)[None, :] + jnp.asarray(cache_index)
         position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (b, t))
-        keys = t if cache is None else check_cache(cache, len(self.layers), attention_mask, b)
+        keys = t if cache is None else check_cache(cache, c.num_hidden_layers, attention_mask, b)
         rope, masks = {}, {}
         for kind in sorted(set(c.layer_types)):
             rope[kind] = rope_cos_sin(position_ids, rope_inv_freq(c.rope(kind)), self.dtype)
@@ -356,17 +363,43 @@ class GemmaModel(_Block):
             masks[kind] = decoder_mask(attention_mask, b, t, keys, cache_index, window)
         scale = jnp.asarray(math.sqrt(c.hidden_size), self.param_dtype).astype(self.dtype)
         h = self.embed_tokens(input_ids) * scale
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            kind = c.layer_types[i]
-            h, layer_cache = layer(
-                h, *rope[kind], masks[kind], deterministic, None if cache is None else cache[i], cache_index
-            )
-            new_cache.append(layer_cache)
+        if c.scan_layers:
+            h, new_cache = self._scanned(h, rope, masks, deterministic, cache, cache_index)
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                kind = c.layer_types[i]
+                layer_cache = None if cache is None else cache[i]
+                h, layer_cache = layer(h, *rope[kind], masks[kind], deterministic, layer_cache, cache_index)
+                new_cache.append(layer_cache)
         out: dict[str, Any] = {"last_hidden_state": self.norm(h)}
         if cache is not None:
             out["cache"] = new_cache
         return out
+
+    def _scanned(
+        self, h: Array, rope: dict, masks: dict, deterministic: bool, cache: list | None, cache_index: Array | int
+    ) -> tuple[Array, list]:
+        """The blocks under ``nn.scan``; with several layer types each block gets its type's rotary table and
+        mask as scanned inputs (stacked per layer), else one broadcast pair."""
+        c = self.config
+        kinds = c.layer_types
+        stacked_cache = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *cache)
+        per_layer: dict[str, Any] = {"cache": stacked_cache}
+        shared: dict[str, Any] = {}
+        if len(set(kinds)) == 1:
+            shared.update(cos=rope[kinds[0]][0], sin=rope[kinds[0]][1], mask=masks[kinds[0]])
+        else:
+            per_layer.update(
+                cos=jnp.stack([rope[k][0] for k in kinds]),
+                sin=jnp.stack([rope[k][1] for k in kinds]),
+                mask=jnp.stack([masks[k] for k in kinds]),
+            )
+        h, stacked = scan_blocks(
+            self.layers, h, c.num_hidden_layers, remat=c.remat, scanned=per_layer, deterministic=deterministic,
+            cache_index=cache_index, **shared,
+        )
+        return h, [] if cache is None else [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(cache))]
 
     def attend(self, h: Array) -> Array:
         """Tied output projection ``h @ embedding.T``: ``(..., hidden) -> (..., vocab)``."""
@@ -419,11 +452,16 @@ def build(
     dtype: Any = jnp.float32,
     dense_fn: Callable[..., Array] | None = default_dense,
     param_dtype: Any = jnp.float32,
+    *,
+    scan_layers: bool = False,
+    remat: str = "none",
 ) -> GemmaForTask:
-    """A :class:`GemmaForTask` from a Hugging Face config (or a :class:`GemmaConfig`); ``ModelFamily.build``."""
+    """A :class:`GemmaForTask` from a Hugging Face config (or a :class:`GemmaConfig`); ``ModelFamily.build``;
+    ``scan_layers``/``remat``: see :func:`sora_jax.models.common.scan_blocks`."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r} for Gemma; choose one of {TASKS}.")
     config = hf_config if isinstance(hf_config, GemmaConfig) else GemmaConfig.from_hf(hf_config)
+    config = dataclasses.replace(config, scan_layers=scan_layers, remat=remat)
     return GemmaForTask(
         config=config, dense_fn=dense_fn or default_dense, dtype=dtype, param_dtype=param_dtype, task=task
     )
@@ -434,6 +472,7 @@ FAMILY = ModelFamily(
     build=build,
     tasks=TASKS,
     base_model_prefix="model",
+    layer_stack="layers",
     head_prefixes=("lm_head", "score"),
     ignore_hf_keys=(r"(^|\.)rotary_emb\.", r"(^|\.)embed_tokens\.embed_scale$"),
     tied=(("lm_head/kernel", "model/embed_tokens/embedding"),),

@@ -440,7 +440,7 @@ class LlamaModel(_Block):
             stacked = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *cache)
             h, stacked = scan_blocks(
                 self.layers, h, c.num_hidden_layers, cos, sin, mask, deterministic, remat=c.remat,
-                scanned=("cache", stacked), cache_index=cache_index,
+                scanned={"cache": stacked}, cache_index=cache_index,
             )
             new_cache = [] if cache is None else [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(cache))]
         else:
