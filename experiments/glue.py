@@ -634,6 +634,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.epoch(history[-1])
         write_json_atomic(out_dir / "results.json", {**base_results, "history": history, "finished": False})
 
+    compiled_before = compile_cache.compile_seconds()
     t_start = time.perf_counter()
     try:
         result = train.fit(
@@ -659,10 +660,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metric = "main"
     best = max(history, key=lambda h: h[metric])
     timing = result.timing()
+    compiled = compile_cache.compile_seconds()
     timing.update(
         train_wall_s=wall,
         eval_s=float(np.sum(eval_seconds)),
         examples_per_s=args.batch_size / timing["median_s"] if "median_s" in timing else None,
+        # JAX's own accounting of the training and evaluation: tracing, lowering, XLA or cache loading
+        jax_compile={k: compiled[k] - compiled_before[k] for k in compiled},
     )
     results = {
         **base_results,
@@ -686,7 +690,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"{desc}: best {task.main_metric} {best[metric]:.4f} (epoch {best['epoch']}); final "
         f"{ {k: round(v, 4) for k, v in history[-1].items() if isinstance(v, float)} }; "
-        f"train {wall:.0f} s, of it compiling {timing['compile_s']:.1f} s ({timing['compiles']} shapes); "
+        f"train {wall:.0f} s, of it compiling {timing['compile_s']:.1f} s ({timing['compiles']} shapes; "
+        f"JAX compile time {timing['jax_compile']['total_s']:.1f} s); "
         f"results in {out_dir / 'results.json'}"
     )
     return results

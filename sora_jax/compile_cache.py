@@ -9,9 +9,11 @@ entry.
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import jax
+import jax.monitoring
 
 ENV = "SORA_JAX_COMPILE_CACHE"
 DISABLED = ("", "none", "off", "0")
@@ -52,3 +54,34 @@ def enable(directory: str | os.PathLike[str] | None) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+# JAX's own compile-time events: tracing to a jaxpr, lowering to StableHLO, and the backend step (an XLA
+# compilation, or loading the executable from the persistent cache)
+COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "backend_s",
+}
+_seconds: dict[str, float] = defaultdict(float)
+_listening = False
+
+
+def _record(event: str, duration: float, **kwargs: object) -> None:
+    key = COMPILE_EVENTS.get(event)
+    if key is not None:
+        _seconds[key] += duration
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds this process has spent compiling since the first call of this function, from
+    ``jax.monitoring``'s events: ``trace_s`` (Python to jaxpr), ``lower_s`` (jaxpr to StableHLO),
+    ``backend_s`` (XLA compilation or a persistent-cache load) and their sum ``total_s``. Compare two
+    readings for the compile time of the work between them."""
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_record)
+        _listening = True
+    out = {k: _seconds[k] for k in COMPILE_EVENTS.values()}
+    out["total_s"] = sum(out.values())
+    return out

@@ -104,6 +104,10 @@ def test_end_to_end_results_and_merged_export(tmp_path: Path, tiny_model_dir: Pa
     assert 0 < res["parameters"]["percent"] < 100
     assert {"median_s", "p10_s", "p90_s", "compile_s"} <= set(res["timing"])
     assert f"of it compiling {res['timing']['compile_s']:.1f} s" in proc.stdout  # the summary line
+    jc = res["timing"]["jax_compile"]
+    assert jc["trace_s"] > 0 and jc["backend_s"] > 0 and jc["total_s"] == pytest.approx(sum(
+        jc[k] for k in ("trace_s", "lower_s", "backend_s")))
+    assert f"JAX compile time {jc['total_s']:.1f} s" in proc.stdout
     # per-step metrics as they happened: one line per optimizer step, one per evaluation
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
@@ -275,3 +279,21 @@ def test_tensorboard_report(glue_cli, tmp_path: Path):
                 scalars[v.tag] = (event.step, v.simple_value)
     assert {"train/loss", "train/lr", "train/examples_per_s", "eval/main"} <= set(scalars)
     assert scalars["eval/main"][0] == 1 and scalars["eval/main"][1] == pytest.approx(0.7)
+
+
+def test_compile_seconds_counts_compilations_not_calls():
+    """``compile_seconds`` grows when a new program is traced and compiled, not when a compiled one runs."""
+    import jax
+    import jax.numpy as jnp
+
+    from sora_jax.compile_cache import compile_seconds
+
+    x = jnp.arange(13.0)  # eager operations compile too: every input is made first
+    before = compile_seconds()
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.cos(x) / 7.0)
+    f(x).block_until_ready()
+    mid = compile_seconds()
+    assert all(mid[k] > before[k] for k in ("trace_s", "lower_s", "backend_s", "total_s"))
+    for _ in range(3):
+        f(x).block_until_ready()
+    assert compile_seconds() == mid
