@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from sora_jax.data import glue as data
+from tests.synthetic_glue import synthetic_glue_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "glue.py"
@@ -62,7 +63,7 @@ def mrpc_dir(tmp_path_factory) -> Path:
     real = data.find_data_dir()
     if real is not None and (Path(real) / "MRPC" / "train.tsv").is_file():
         return Path(real)
-    return data.synthetic_glue_dir(tmp_path_factory.mktemp("glue"), tasks=("mrpc",))
+    return synthetic_glue_dir(tmp_path_factory.mktemp("glue"), tasks=("mrpc",))
 
 
 def tiny_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:

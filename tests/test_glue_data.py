@@ -21,7 +21,6 @@ from transformers import AutoTokenizer
 
 from sora_jax.data import glue
 from sora_jax.data.glue import (
-    MANIFEST,
     TASKS,
     GlueDataError,
     batch_order,
@@ -31,8 +30,8 @@ from sora_jax.data.glue import (
     find_data_dir,
     length_rungs,
     load_split,
-    synthetic_glue_dir,
 )
+from tests.synthetic_glue import MANIFEST, synthetic_glue_dir
 
 # README "Verified row counts": {task: {split: (rows, {raw label: count})}} (STS-B: regression, no counts).
 README_COUNTS = {

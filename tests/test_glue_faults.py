@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import sora_jax.io
-from sora_jax.data import glue as data
+from tests.synthetic_glue import synthetic_glue_dir
 from tests.test_glue_cli import _snapshot, glue_cli, mrpc_dir, tiny_args, tiny_model_dir  # noqa: F401
 
 
@@ -170,7 +170,7 @@ def test_bad_data_files(glue_cli, capsys, tmp_path: Path, tiny_model_dir, mrpc_d
 
 @pytest.mark.parametrize("label", ["nan", "1e30", "-1"])
 def test_stsb_labels_outside_the_score_range(glue_cli, capsys, tmp_path: Path, tiny_model_dir, label):  # noqa: F811
-    root = data.synthetic_glue_dir(tmp_path / "glue", tasks=("stsb",))
+    root = synthetic_glue_dir(tmp_path / "glue", tasks=("stsb",))
     f = root / "STS-B" / "train.tsv"
     lines = f.read_text(encoding="utf-8").split("\n")
     lines[3] = "\t".join([*lines[3].split("\t")[:-1], label])

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from sora_jax.data import glue as data
+from tests.synthetic_glue import synthetic_glue_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def stsb_dir(tmp_path_factory) -> Path:
     real = data.find_data_dir()
     if real is not None and (Path(real) / "STS-B" / "train.tsv").is_file():
         return Path(real)
-    return data.synthetic_glue_dir(tmp_path_factory.mktemp("glue"), tasks=("stsb",), n_train=1024, n_dev=500)
+    return synthetic_glue_dir(tmp_path_factory.mktemp("glue"), tasks=("stsb",), n_train=1024, n_dev=500)
 
 
 @pytest.mark.slow

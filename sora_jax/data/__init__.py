@@ -17,7 +17,6 @@ from sora_jax.data.glue import (
     load_split,
     padded_length,
     steps_per_epoch,
-    synthetic_glue_dir,
 )
 
 __all__ = [
@@ -37,5 +36,4 @@ __all__ = [
     "load_split",
     "padded_length",
     "steps_per_epoch",
-    "synthetic_glue_dir",
 ]
