@@ -70,7 +70,8 @@ HEADS = {"bert": ("classifier",), "roberta": ("classifier",), "xlm-roberta": ("c
          "deberta-v2": ("classifier",), "llama": ("score",)}
 # Where the embedding output is, per family (the frozen-backprop gradient is taken there).
 EMBEDDING_MODULE = {"bert": "embeddings", "roberta": "embeddings", "xlm-roberta": "embeddings",
-                    "deberta-v2": "embeddings", "llama": "embed_tokens"}
+                    "deberta-v2": "embeddings", "llama": "embed_tokens", "gemma": "embed_tokens",
+                    "gemma2": "embed_tokens", "gemma3_text": "embed_tokens"}
 # torch methods and the sora-jax method each one is compared with
 TORCH_METHODS = {"peft_lora": "lora", "peft_dora": "dora", "torch_prediag": "prediag", "torch_sora": "sora"}
 
@@ -108,13 +109,15 @@ def synthetic_config(name: str, layers: int | None) -> Any:
     return cfg
 
 
-def save_random_model(cfg: Any, directory: Path, seed: int = 0) -> Path:
-    """A randomly initialised ``transformers`` sequence classifier for ``cfg``, saved to ``directory``."""
+def save_random_model(cfg: Any, directory: Path, seed: int = 0, auto_class: str = "AutoModelForSequenceClassification"
+                      ) -> Path:
+    """A randomly initialised ``transformers`` model (``auto_class``: a sequence classifier by default) for
+    ``cfg``, saved to ``directory``."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    model = getattr(transformers, auto_class).from_config(cfg)
     model.save_pretrained(str(directory))
     del model
     return directory
@@ -134,6 +137,24 @@ class Setup:
     r: int
     alpha: float
     r_p: int
+    # a causal LM: ``Trainer`` ``loss_fn`` over tokens from ``last_hidden_state`` (the model run with
+    # ``return_logits=False``); None: classification (``loss_sums`` of the logits)
+    loss_fn: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+
+    def apply_fn(self) -> Callable[..., dict[str, jax.Array]]:
+        """The model's forward as the step runs it (no ``(B, T, vocab)`` logits for a causal LM)."""
+        if self.loss_fn is None:
+            return self.model.apply
+        return lambda params, **kw: self.model.apply(params, return_logits=False, **kw)
+
+    def loss(self, params: dict, batch: dict, **apply_kwargs: Any) -> jax.Array:
+        """The mean loss of ``batch`` (classification or token cross-entropy)."""
+        out = self.apply_fn()(params, **inputs_of(batch), **apply_kwargs)
+        if self.loss_fn is None:
+            lsum, wsum = loss_sums(out["logits"], batch["labels"], batch["weights"])
+        else:
+            lsum, wsum = self.loss_fn(out, batch, params)
+        return lsum / wsum
 
     def adapter_config(self, method: str) -> sj.AdapterConfig:
         return sj.AdapterConfig(method=method, r=self.r, lora_alpha=self.alpha, rotation_rank=self.r_p,
@@ -301,8 +322,9 @@ def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float 
     """A jitted train step of :class:`sora_jax.train.Trainer` (``method=None``: full fine-tuning)."""
     cfg = None if method is None else setup.adapter_config(method)
     model = setup.model
-    trainer = Trainer(model.apply, model.params, num_labels=int(model.config.num_labels), total_steps=10**6,
-                      adapter_config=cfg, modules_to_save=setup.heads,
+    num_labels = int(model.config.num_labels if setup.loss_fn is None else model.config.vocab_size)
+    trainer = Trainer(setup.apply_fn(), model.params, num_labels=num_labels, total_steps=10**6,
+                      adapter_config=cfg, modules_to_save=setup.heads, loss_fn=setup.loss_fn,
                       config=TrainConfig(lr=1e-5, path="activation" if path == "unfused" else path, dropout=False,
                                          fused=False if path == "unfused" else None))
     holder = {"state": trainer.init_state(0)}
@@ -330,7 +352,6 @@ def frozen_backprop_loss(setup: Setup) -> Callable[..., jax.Array]:
     import flax.linen as nn
 
     embed_path = _embedding_path(setup)
-    model = setup.model
 
     def loss(delta: jax.Array, params: dict, batch: dict) -> jax.Array:
         def add_delta(next_fun, args, kwargs, context):
@@ -340,9 +361,7 @@ def frozen_backprop_loss(setup: Setup) -> Callable[..., jax.Array]:
             return out
 
         with nn.intercept_methods(add_delta):
-            logits = model.apply(params, **inputs_of(batch))["logits"]
-        lsum, wsum = loss_sums(logits, batch["labels"], batch["weights"])
-        return lsum / wsum
+            return setup.loss(params, batch)
 
     return loss
 
@@ -482,9 +501,13 @@ class TorchPeer:
         self.labels = torch.from_numpy(b["labels"].astype(np.int64))
 
     def load(self) -> Any:
-        model = self.transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(self.setup.model_dir), num_labels=int(self.setup.model.config.num_labels),
-            attn_implementation="sdpa")
+        if self.setup.loss_fn is not None:  # a causal LM
+            model = self.transformers.AutoModelForCausalLM.from_pretrained(str(self.setup.model_dir),
+                                                                        attn_implementation="sdpa")
+        else:
+            model = self.transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(self.setup.model_dir), num_labels=int(self.setup.model.config.num_labels),
+                attn_implementation="sdpa")
         return model.eval()  # no dropout (as the JAX side); autograd still runs
 
     def adapted(self, method: str) -> Any:
@@ -495,7 +518,8 @@ class TorchPeer:
             import peft
 
             cfg = peft.LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=list(s.targets), lora_dropout=0.0,
-                                  use_dora=method == "peft_dora", task_type="SEQ_CLS", modules_to_save=list(s.heads))
+                                  use_dora=method == "peft_dora", modules_to_save=list(s.heads) or None,
+                                  task_type="SEQ_CLS" if s.loss_fn is None else "CAUSAL_LM")
             return peft.get_peft_model(model, cfg)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -519,7 +543,7 @@ class TorchPeer:
         def run() -> None:
             opt.zero_grad(set_to_none=True)
             logits = model(**self.inputs).logits
-            torch.nn.functional.cross_entropy(logits, self.labels).backward()
+            torch.nn.functional.cross_entropy(logits.flatten(0, -2), self.labels.flatten()).backward()
             opt.step()
 
         return Variant(f"torch/train/{method}", "torch", "train", run, flops=flops)
@@ -540,7 +564,7 @@ class TorchPeer:
         def run() -> None:
             delta.grad = None
             logits = model(**self.inputs).logits
-            torch.nn.functional.cross_entropy(logits, self.labels).backward()
+            torch.nn.functional.cross_entropy(logits.flatten(0, -2), self.labels.flatten()).backward()
 
         return Variant("torch/train/frozen_backprop", "torch", "train", run, flops=flops)
 
@@ -748,20 +772,33 @@ def print_table(results: dict[str, dict], ratios: dict[str, dict], flops: dict[s
         out(f"{c['check']:40s} {fmt(c['value'], '.3f'):>7s} <= {c['target']:.2f}  {mark}")
 
 
+def _decoder() -> Any:
+    """``experiments/bench_decoder.py`` (imported when needed: it imports this module)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import bench_decoder
+
+    return bench_decoder
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    bench_decoder = _decoder()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="minilm", help="alias or model directory for sora_jax.load_pretrained")
-    src.add_argument("--synthetic", choices=("deberta-base", "llama-1b"), help="random weights, known config")
+    src.add_argument("--synthetic", choices=("deberta-base", "llama-1b", *bench_decoder.SYNTHETIC),
+                     help="random weights, known config (llama, gemma and their -tiny forms: causal LMs)")
     p.add_argument("--layers", type=int, default=None, help="override the synthetic model's layer count")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None, help="default 32 (encoders), 8 (causal LMs)")
+    p.add_argument("--seq", type=int, default=None, help="default 128 (encoders), 256 (causal LMs)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--r-p", dest="r_p", type=int, default=1)
     p.add_argument("--targets", default=None, help="comma-separated target modules (default: the paper's GLUE set)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--paths", default="activation,weight", help=f"of {','.join(PATHS)}")
+    p.add_argument("--paths", default=None, help=f"of {','.join(PATHS)} (default activation,weight; causal LMs "
+                   "activation)")
     p.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
     p.add_argument("--no-infer", action="store_true", help="skip inference")
     p.add_argument("--peft", action="store_true", help="also run the PyTorch/PEFT peer")
@@ -769,8 +806,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="passes over all variants")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up step, 1 round of 2 steps")
-    p.add_argument("--out", default=None, help="JSON output (default experiments/results/bench-<model>.json)")
+    p.add_argument("--out", default=None, help="JSON output (default experiments/results/bench-<model>.json, "
+                   "causal LMs bench-decoder-<model>.json)")
+    d = p.add_argument_group("causal LMs (experiments/bench_decoder.py)")
+    d.add_argument("--causal-lm", action="store_true", help="--model is a causal LM (implied by smollm2, "
+                   "gemma3-270m and --synthetic llama/gemma)")
+    d.add_argument("--vocab", type=int, default=None, help="override the synthetic model's vocabulary size")
+    d.add_argument("--vocab-chunk", type=int, default=8192, help="vocabulary columns per cross-entropy chunk")
+    d.add_argument("--ce-vocabs", default="49152,262144",
+                   help="vocabulary sizes of the cross-entropy memory comparison ('' to skip)")
+    d.add_argument("--no-train", action="store_true", help="skip the training steps")
+    d.add_argument("--no-generate", action="store_true", help="skip generation")
+    d.add_argument("--gen-batch", type=int, default=None, help="prompts per generation batch (default --batch)")
+    d.add_argument("--prompt-len", type=int, default=64)
+    d.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (>= 2)")
     args = p.parse_args(argv)
+    decoder = bench_decoder.is_decoder(args)
+    args.batch = args.batch or (8 if decoder else 32)
+    args.seq = args.seq or (256 if decoder else 128)
+    args.paths = args.paths or ("activation" if decoder else "activation,weight")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (the decode step is the difference of 1 and --new-tokens tokens)")
+    for name in ("batch", "seq", "prompt_len", "vocab_chunk", "gen_batch", "vocab"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.quick:
         args.warmup, args.rounds, args.steps = 1, 1, 2
     for m in args.methods.split(","):
@@ -784,6 +843,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if _decoder().is_decoder(args):
+        return _decoder().main(args, argv)
     methods, paths = args.methods.split(","), args.paths.split(",")
     threads = len(os.sched_getaffinity(0))
 

@@ -60,13 +60,14 @@ from glue import (  # noqa: E402
 import sora_jax  # noqa: E402
 from sora_jax import compile_cache, lm, train  # noqa: E402
 from sora_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from sora_jax.config import PAPER_DECODER_TARGETS  # noqa: E402
 from sora_jax.generate import generate_text  # noqa: E402
 
 SUITES = {"commonsense": lm.COMMONSENSE_TASKS, "math": lm.MATH_TASKS}
 TRAIN_SETS = {"commonsense": ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"), "math": ("gsm8k-train",)}
 DEFAULT_MODEL = {"commonsense": "smollm2", "math": "gemma3-270m"}
 MAX_NEW_TOKENS = {"commonsense": 32, "math": 256}
-TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # DoRA's commonsense setting
+TARGETS = PAPER_DECODER_TARGETS  # DoRA's commonsense setting
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STOP = ("### Instruction", "\n\n\n")
 NON_TRAJECTORY = ("output_dir", "resume", "overwrite", "save_every", "keep", "no_progress", "data_dir",

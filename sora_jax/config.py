@@ -37,6 +37,8 @@ PAPER_TARGETS: dict[str, tuple[str, ...]] = {
                    "output.dense"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
+# The paper's decoder targets for instruction tuning of causal LMs (DoRA's commonsense setting).
+PAPER_DECODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
 DEFAULT_WEIGHT_LEAVES: tuple[tuple[str, str], ...] = (("kernel", "io"), ("weight", "oi"))

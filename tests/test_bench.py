@@ -88,6 +88,95 @@ def test_bench_layer_smoke(tmp_path):
     assert "sora/fused" in proc.stdout
 
 
+def test_bench_decoder_quick(tmp_path):
+    """The causal-LM benchmark on a tiny random LLaMA: every variant timed, and its own checks hold.
+
+    Tolerances: merged and unmerged logits are float32 computations of one function (2e-6 of the largest
+    logit, while the adapter itself moves them by ~1e-2 of it); sora-jax and transformers on the same
+    weights agree to float32 rounding (1e-4, as tests/test_llama.py); the chunked loss's temporaries are
+    ``O(tokens x chunk)`` (chunk 256 at both sizes: within 10 %), the plain loss's grow with the vocabulary
+    (8x the vocabulary: more than 4x the bytes).
+    """
+    out = tmp_path / "decoder.json"
+    cmd = [sys.executable, str(BENCH), "--synthetic", "llama-tiny", "--layers", "1", "--batch", "2", "--seq", "16",
+           "--quick", "--peft", "--methods", "lora,sora", "--ce-vocabs", "512,4096", "--vocab-chunk", "256",
+           "--prompt-len", "8", "--new-tokens", "8", "--out", str(out)]
+    # about a minute alone on 2 cores (compiling 5 tiny programs and loading torch); generous for a shared machine
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("command", "kind", "model_shape", "batch", "seq", "targets", "generation_shape", "versions", "threads",
+                "flops", "results", "ratios", "generation", "agreement", "cross_entropy_memory", "acceptance"):
+        assert key in report, key
+    assert report["kind"] == "decoder" and report["batch"] == 2 and report["seq"] == 16
+    assert report["targets"] == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert report["model_shape"]["layers"] == 1 and report["model_shape"]["vocab"] == 512
+    assert report["threads"]["torch"]["num_threads"] == report["threads"]["cpu_count"]
+    res = report["results"]
+    want = ["jax/train/frozen_backprop", "torch/train/frozen_backprop", "torch/train/peft_lora", "torch/train/torch_sora"]
+    for kind in ("prefill", "generate"):
+        want += [f"jax/{kind}/frozen", f"torch/{kind}/frozen", f"torch/{kind}/peft_lora", f"torch/{kind}/torch_sora"]
+    for m in ("lora", "sora"):
+        want += [f"jax/train/{m}/activation", f"jax/prefill/{m}/activation", f"jax/prefill/{m}/merged",
+                 f"jax/generate/{m}/activation", f"jax/generate/{m}/merged"]
+    for name in want:
+        assert name in res, name
+        assert res[name]["n"] == 2 and res[name]["median_s"] > 0, name
+    assert not any("dora" in n or "prediag" in n for n in res)  # not asked for
+    for m in ("frozen_backprop", "lora/activation", "sora/activation"):
+        st = res[f"jax/train/{m}"]
+        mem = st["memory"]
+        assert st["compile_s"] > 0 and mem["peak"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] > 0
+    fl = report["flops"]
+    assert fl["frozen_backprop"] < fl["lora/activation"] < fl["sora/activation"]
+    gen = report["generation"]
+    assert set(gen) == {"jax/frozen", "torch/frozen", "torch/peft_lora", "torch/torch_sora", "jax/lora/activation",
+                        "jax/lora/merged", "jax/sora/activation", "jax/sora/merged"}
+    for row in gen.values():
+        assert row["prefill_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["generate_s"] > 0
+        assert "decode_s_per_step" in row
+    agree = report["agreement"]
+    for m in ("lora", "sora"):
+        a = agree["merged_vs_unmerged_logits"][m]
+        assert a["max_abs_diff"] <= 2e-6 * a["max_abs_logit"], (m, a)
+        assert a["adapter_moves_logits"] > 1e-3 * a["max_abs_logit"], (m, a)  # the comparison is not vacuous
+        assert a["token_agreement"] == 1.0, m
+    assert agree["jax_tokens_shape"] == [2, 8]
+    assert agree["jax_vs_torch_logits_max_abs_diff"] <= 1e-4 * max(1.0, agree["max_abs_logit"])
+    assert agree["jax_vs_torch_token_agreement"] == 1.0
+    ce = report["cross_entropy_memory"]
+    small, large = ce["512"], ce["4096"]
+    assert small["chunk"] == large["chunk"] == 256
+    assert large["chunked_temp_mib"] <= 1.1 * small["chunked_temp_mib"]
+    assert large["plain_temp_mib"] > 4 * small["plain_temp_mib"] and large["plain_temp_mib"] >= large["logits_mib"]
+    checks = {c["check"]: c for c in report["acceptance"]}
+    assert checks["chunked CE temp, vocab 4096 / 512"]["pass"] is True
+    for name in ("decode step unmerged sora / merged", "decode step sora-jax / transformers generate",
+                 "paper: torch decode step unmerged sora / DoRA", "peak memory sora / frozen-backprop"):
+        assert name in checks, name
+    assert "== generation" in proc.stdout and "== token cross-entropy" in proc.stdout
+
+
+def test_bench_decoder_arguments(capsys):
+    """Causal LMs default to 8 x 256 on the activation path; encoders keep 32 x 128; a one-token generation
+    cannot give a decode step."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    args = bench.parse_args(["--model", "smollm2"])
+    assert (args.batch, args.seq, args.paths) == (8, 256, "activation")
+    args = bench.parse_args(["--synthetic", "gemma", "--batch", "4", "--seq", "128"])
+    assert (args.batch, args.seq) == (4, 128) and bench._decoder().is_decoder(args)
+    args = bench.parse_args([])
+    assert (args.batch, args.seq, args.paths) == (32, 128, "activation,weight")
+    assert not bench._decoder().is_decoder(args)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "smollm2", "--new-tokens", "1"])
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err
+
+
 def test_bench_rejects_unknown_method(capsys):
     sys.path.insert(0, str(BENCH.parent))
     try:
