@@ -158,7 +158,8 @@ class Setup:
 
     def adapter_config(self, method: str) -> sj.AdapterConfig:
         return sj.AdapterConfig(method=method, r=self.r, lora_alpha=self.alpha, rotation_rank=self.r_p,
-                                target_modules=self.targets, modules_to_save=self.heads)
+                                target_modules=self.targets, modules_to_save=self.heads,
+                                kernel_axes=self.model.kernel_axes())
 
 
 def make_batch(vocab: int, batch: int, seq: int, num_labels: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -181,7 +182,7 @@ class Dense:
     path: str
     d_in: int
     d_out: int
-    rows: int
+    rows: int  # per layer; a scanned stack of L layers counts L times the rows
     adapted: bool
 
 
@@ -192,9 +193,10 @@ def dense_layers(setup: Setup) -> list[Dense]:
     B, T = setup.batch["input_ids"].shape
     out = []
     for path, mod in sorted(find_modules(setup.model.params).items()):
-        d_in, d_out = mod.kernel.shape[-2:]
+        *stacked, d_in, d_out = mod.kernel.shape  # scanned layers: (L, d_in, d_out), L layers of N rows each
         per_seq = path.split("/")[0] in setup.heads or "pooler" in path.split("/")
-        out.append(Dense(path, int(d_in), int(d_out), B if per_seq else B * T, cfg.targets(path)))
+        rows = (B if per_seq else B * T) * int(np.prod(stacked, dtype=np.int64))
+        out.append(Dense(path, int(d_in), int(d_out), rows, cfg.targets(path)))
     return out
 
 
@@ -660,7 +662,9 @@ def load_setup(args: argparse.Namespace, workdir: Path) -> Setup:
     else:
         model_dir = None
         name = Path(args.model).name if os.path.isdir(args.model) else args.model
-    model = sj.load_pretrained(str(model_dir) if model_dir else args.model, load_tokenizer=False)
+    model = sj.load_pretrained(str(model_dir) if model_dir else args.model, load_tokenizer=False,
+                               scan_layers=args.scan_layers)
+    name += "-scan" if args.scan_layers else ""
     model_type = model.config.model_type
     if model_type not in PAPER_TARGETS:
         raise SystemExit(f"no GLUE targets known for model_type {model_type!r}; known: {sorted(PAPER_TARGETS)}")
@@ -799,6 +803,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--paths", default=None, help=f"of {','.join(PATHS)} (default activation,weight; causal LMs "
                    "activation)")
+    p.add_argument("--scan-layers", action="store_true", help="the model's blocks under nn.scan (one compiled block)")
     p.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
     p.add_argument("--no-infer", action="store_true", help="skip inference")
     p.add_argument("--peft", action="store_true", help="also run the PyTorch/PEFT peer")

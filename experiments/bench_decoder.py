@@ -124,13 +124,15 @@ def load_setup(args: argparse.Namespace, workdir: Path, need_hf_dir: bool) -> be
         name = args.synthetic + (f"-{args.layers}l" if args.layers is not None else "")
         name += f"-v{args.vocab}" if args.vocab is not None else ""
         model_dir = bench.save_random_model(cfg, workdir / name, auto_class="AutoModelForCausalLM")
-        model = sj.load_pretrained(str(model_dir), task="causal_lm", load_tokenizer=False)
+        model = sj.load_pretrained(str(model_dir), task="causal_lm", load_tokenizer=False,
+                                   scan_layers=args.scan_layers)
     else:
-        model = sj.load_pretrained(args.model, task="causal_lm", load_tokenizer=False)
+        model = sj.load_pretrained(args.model, task="causal_lm", load_tokenizer=False, scan_layers=args.scan_layers)
         name = Path(args.model).name if os.path.isdir(args.model) else Path(args.model).stem
         model_dir = model.path
         if need_hf_dir and not (model_dir / "config.json").is_file():
             model_dir = export_merged(model, model.params, None, workdir / "hf")
+    name += "-scan" if args.scan_layers else ""
     targets = tuple(args.targets.split(",")) if args.targets else PAPER_DECODER_TARGETS
     softcap = getattr(model.module.config, "final_logit_softcapping", None)
     batch = token_batch(int(model.config.vocab_size), args.batch, args.seq)
