@@ -58,10 +58,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from sora_jax.activations import activation
 from sora_jax.adapter import Adapter
 from sora_jax.methods import colnorm, condition
-from sora_jax.models.common import activation, default_dense
-from sora_jax.models.recompute import after
+from sora_jax.ops import default_dense
+from sora_jax.recompute import after
 from sora_jax.rotation import rotate, s_p
 
 Array = jax.Array

@@ -102,12 +102,3 @@ def effective(
         rot=lambda z: rotate(z, lv["C"], lv["D"], config.initial_s_p, config.rotation),
     )
 
-
-def trainable_count(d_in: int, d_out: int, config: AdapterConfig, r: int) -> int:
-    """Trainable parameters of one adapted ``(d_in, d_out)`` layer (SPEC table's last column)."""
-    n = r * (d_in + d_out)
-    if config.has_magnitude or config.has_diag:
-        n += d_out
-    if config.has_rotation:
-        n += 2 * d_out * config.rotation_rank
-    return n
