@@ -24,9 +24,10 @@ from sora_jax.adapter import (
     merge,
     trainable_parameters,
 )
-from sora_jax.config import METHODS, ROTATIONS, AdapterConfig, AdapterError
+from sora_jax.config import ROTATIONS, AdapterConfig, AdapterError
 from sora_jax.dense import adapted_dense
 from sora_jax.io import load_adapter, save_adapter
+from sora_jax.methods import METHODS
 from sora_jax.rotation import rotate, rotation_matrix
 from sora_jax.spectrum import spectrum
 
