@@ -29,7 +29,7 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   backward rather than kept in between, never differentiated; float32 without LoRA dropout,
   ``fused=True``) so that the forward is one matmul
   ``x W' + b'`` and the input gradient one matmul ``G W'^T``, as in the frozen layer; the gradients of
-  ``d`` and DoRA's ``m``, which need the frozen layer's own output, recover it from the kept output
+  a diagonal (``d``, DoRA's ``m``), which need the frozen layer's own output, recover it from the kept output
   (:func:`_frozen_colsum`; the few worst-conditioned output features are computed exactly instead, and in a
   step with more ill-conditioned features than that, the whole frozen output, under ``lax.cond``);
 - takes every thin product of ``x`` in one pass (``x [A, Z C, Z D]``, ``Z`` the rotation's input
@@ -43,7 +43,10 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   ``y = x W`` (DoRA: ``v = x (W + s A B)``) instead. A layer whose input is an activation's output
   (``input_act``, the FFN's output layer) keeps the pre-activation instead and recomputes the activation.
 
-Exact rotations (``cayley``, ``exp``) take the plain autodiff form.
+The layer is written once over the conditioning maps' form ``z T = z * scale + (z L) Rt``
+(:mod:`sora_jax.conditioning`): the backward takes the gradients of each map's ``scale``, ``L`` and ``Rt``
+from the products above and hands them to :func:`jax.vjp` of the map's ``factors`` for its own leaves, so
+every method and rotation kind (``taylor``, ``cayley``, ``exp``) runs the same code.
 
 Pass the result of :func:`adapted_dense` as a sora-jax model's ``dense_fn``.
 """
@@ -129,8 +132,9 @@ def _tdot(a: Array, b: Array) -> Array:
     return jax.lax.optimization_barrier(jnp.dot(a.T, b))
 
 
-def _split(t: Array, widths: list[int]) -> list[Array]:
-    return jnp.split(t, list(itertools.accumulate(widths))[:-1], axis=-1)
+def _split(t: Array, widths: list[int], axis: int = -1) -> list[Array]:
+    """``t`` cut along ``axis`` into pieces of the given widths (a width may be 0)."""
+    return jnp.split(t, list(itertools.accumulate(widths))[:-1], axis=axis)
 
 
 KAPPA = 64.0  # the largest rounding-error amplification the recovery may have (6 of float32's 24 bits)
@@ -424,8 +428,7 @@ def _layer_bwd(method: Method, fused: bool, act: str | None, res: Saved, G: Arra
     dh, g_p, g_q = _split(G @ cols, [r, k_p, k_q])
     # one pass over G: [t_post, t_pre, h]^T G
     kept = [t for t in (res.t_post, res.t_pre, h) if t is not None]
-    tqG, tpG, hG = _split(_tdot(jnp.concatenate(kept, axis=1), G).T, [k_q, k_p, r])
-    tqG, tpG, hG = tqG.T, tpG.T, hG.T
+    tqG, tpG, hG = _split(_tdot(jnp.concatenate(kept, axis=1), G), [k_q, k_p, r], axis=0)
     grads = {"Bs": _rows_t(fq, hG)}  # h^T dz
     # the thin products of the frozen input, in one pass over it with A's gradient (dh^T xd)
     g_pq = jnp.concatenate([g_q, g_p], axis=1)
