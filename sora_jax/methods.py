@@ -9,6 +9,7 @@ weight path of one adapted layer (SPEC section 2's table):
 | pre_ortho  | rotation   | id                   | ``W R + s A B``                 | ``b R``        |
 | post_ortho | id         | rotation             | ``(W + s A B) R``               | ``b R``        |
 | sora       | diagonal   | rotation             | ``(W diag(d) + s A B) R``       | ``(d * b) R``  |
+| post_diag  | id         | diagonal             | ``(W + s A B) diag(v)``         | ``v * b``      |
 
 with ``n = stop_gradient(colnorm(W + s A B))`` and ``R`` from :mod:`sora_jax.rotation`;
 every method is one entry of :data:`TABLE`.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sora_jax import post_diag
 from sora_jax.conditioning import IDENTITY, NORMALISED_DIAGONAL, Method, colnorm, diagonal, rotation
 from sora_jax.config import AdapterConfig
 
@@ -39,6 +41,7 @@ TABLE: dict[str, Method] = {
         Method("sora", diagonal("d"), rotation()),
         Method("pre_ortho", rotation(), IDENTITY),
         Method("post_ortho", IDENTITY, rotation()),
+        post_diag.METHOD,
     )
 }
 METHODS: tuple[str, ...] = tuple(TABLE)
