@@ -1,4 +1,4 @@
-"""sora-jax: weight-conditioning PEFT (LoRA, DoRA, Pre-Diag, SORA, Pre-Ortho, Post-Ortho) in JAX.
+"""sora-jax: weight-conditioning PEFT (LoRA, DoRA, Pre-Diag, SORA, Pre-Ortho, Post-Ortho, Post-Diag) in JAX.
 
 The adapter core is pure functions over parameter pytrees::
 

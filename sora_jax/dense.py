@@ -11,6 +11,9 @@ The same layer as :func:`sora_jax.apply_adapter` (SPEC section 2), for ``x: (N, 
 | pre_ortho  | ``(y + b) R + u``                        |
 | post_ortho | ``(y + b + u) R``                        |
 | sora       | ``(d * (y + b) + u) R``                  |
+| post_diag  | ``v * (y + b + u)``                      |
+
+in general ``T_post(T_pre(y + b) + u)`` (DoRA: ``T_post(y + u) + b``).
 
 With LoRA dropout (``xd = drop(x)``, ``u = s xd A B``) DoRA is PEFT's (and the DoRA paper's code's)
 ``y + b + (m / n - 1) (xd W) + (m / n) u``: the magnitude's correction sees the dropped input too; without
