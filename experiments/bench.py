@@ -38,7 +38,6 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import resource
@@ -440,47 +439,6 @@ def jax_matmul_variants() -> list[Variant]:
 
 
 # -- the PyTorch peer ------------------------------------------------------------------------------------
-class TorchConditionedLinear:
-    """Factory for a ``torch.nn.Module`` wrapping an ``nn.Linear`` with Pre-Diag or SORA (SPEC section 2,
-    activation form, as the reference implementation runs it):
-
-    ``y = d * base(x) + s (x A) B`` (Pre-Diag), then for SORA ``y R = y + s_p ((y C) D^T - (y D) C^T)``
-    with ``s_p = min(1, initial_s_p / (||C|| + ||D|| + 1e-6))``. PyTorch layout: ``lora_A (r, d_in)``,
-    ``lora_B (d_out, r)``, ``d (d_out,)``, ``C, D (d_out, r_p)``; initialised as SPEC says.
-    """
-
-    @staticmethod
-    def build(base: Any, method: str, r: int, alpha: float, r_p: int, initial_s_p: float = 1.0) -> Any:
-        import torch
-
-        class Wrapped(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.base_layer = base
-                d_out, d_in = base.weight.shape
-                bound = 1.0 / math.sqrt(d_in)
-                self.lora_A = torch.nn.Parameter(torch.empty(r, d_in).uniform_(-bound, bound))
-                self.lora_B = torch.nn.Parameter(torch.zeros(d_out, r))
-                self.d = torch.nn.Parameter(torch.ones(d_out))
-                self.scaling = alpha / r
-                self.rotate = method == "sora"
-                if self.rotate:
-                    cb = 1.0 / math.sqrt(d_out)
-                    C = torch.empty(d_out, r_p).uniform_(-cb, cb)
-                    self.C = torch.nn.Parameter(C.clone())
-                    self.D = torch.nn.Parameter(C.clone())
-
-            def forward(self, x):
-                y = self.d * self.base_layer(x)
-                y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_A), self.lora_B) * self.scaling
-                if self.rotate:
-                    s_p = torch.clamp(initial_s_p / (self.C.norm() + self.D.norm() + 1e-6), max=1.0)
-                    y = y + s_p * ((y @ self.C) @ self.D.T - (y @ self.D) @ self.C.T)
-                return y
-
-        return Wrapped()
-
-
 def torch_matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -523,6 +481,8 @@ class TorchPeer:
                                   use_dora=method == "peft_dora", modules_to_save=list(s.heads) or None,
                                   task_type="SEQ_CLS" if s.loss_fn is None else "CAUSAL_LM")
             return peft.get_peft_model(model, cfg)
+        from tests.torch_reference import conditioned_linear  # the PyTorch Pre-Diag / SORA of the parity tests
+
         for p in model.parameters():
             p.requires_grad_(False)
         kind = {"torch_prediag": "prediag", "torch_sora": "sora"}[method]
@@ -530,7 +490,7 @@ class TorchPeer:
             if isinstance(mod, self.torch.nn.Linear) and torch_matches(name, s.targets):
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name)
-                setattr(parent, child, TorchConditionedLinear.build(mod, kind, s.r, s.alpha, s.r_p))
+                setattr(parent, child, conditioned_linear(mod, kind, s.r, s.alpha, s.r_p))
         for h in s.heads:
             for p in model.get_submodule(h).parameters():
                 p.requires_grad_(True)

@@ -1,4 +1,4 @@
-"""sora-jax: weight-conditioning PEFT (LoRA, DoRA, Pre-Diag, SORA, Pre-Ortho, Post-Ortho) in JAX.
+"""sora-jax: weight-conditioning PEFT (LoRA, DoRA, Pre-Diag, SORA, Pre-Ortho, Post-Ortho, Post-Diag) in JAX.
 
 The adapter core is pure functions over parameter pytrees::
 
@@ -24,9 +24,10 @@ from sora_jax.adapter import (
     merge,
     trainable_parameters,
 )
-from sora_jax.config import METHODS, ROTATIONS, AdapterConfig, AdapterError
+from sora_jax.config import ROTATIONS, AdapterConfig, AdapterError
 from sora_jax.dense import adapted_dense
 from sora_jax.io import load_adapter, save_adapter
+from sora_jax.methods import METHODS
 from sora_jax.rotation import rotate, rotation_matrix
 from sora_jax.spectrum import spectrum
 

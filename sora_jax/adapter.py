@@ -173,11 +173,11 @@ def select_modules(params: PyTree, config: AdapterConfig) -> dict[str, Module]:
                 f"{m.weight_name} {lay.shape} (read as {layout.describe(lay)}); use a smaller r or a "
                 f"rank_pattern entry for this module"
             )
-        if config.has_rotation and 2 * config.rotation_rank > d_out:
-            raise AdapterError(
-                f"rotation_rank={config.rotation_rank} is too large for module {p!r} (d_out={d_out}): the "
-                f"rotation generator has rank 2*rotation_rank, which must be <= d_out; lower rotation_rank"
-            )
+        method = methods.get(config)
+        for cmap in (method.pre, method.post):
+            problem = cmap.check(d_out, config)
+            if problem is not None:
+                raise AdapterError(problem.format(path=p))
         out[p] = m
     return out
 
@@ -186,16 +186,8 @@ def expected_shapes(config: AdapterConfig, path: str, matrix_shape: tuple[int, .
     """Shapes of the adapter leaves of the module at ``path`` whose weight reads as ``matrix_shape``
     ``(*stacked, d_in, d_out)`` (:attr:`sora_jax.layout.Layout.matrix_shape`)."""
     *lead, d_in, d_out = matrix_shape
-    lead = tuple(lead)
-    r = config.rank_for(path)
-    shapes = {"A": (*lead, d_in, r), "B": (*lead, r, d_out)}
-    if config.has_magnitude:
-        shapes["m"] = (*lead, d_out)
-    if config.has_diag:
-        shapes["d"] = (*lead, d_out)
-    if config.has_rotation:
-        shapes["C"] = shapes["D"] = (*lead, d_out, config.rotation_rank)
-    return shapes
+    shapes = methods.get(config).leaf_shapes(d_in, d_out, config.rank_for(path), config)
+    return {name: (*lead, *shape) for name, shape in shapes.items()}
 
 
 def _vmapped(fn: Callable, n_lead: int) -> Callable:

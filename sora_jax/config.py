@@ -24,7 +24,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-METHODS = ("lora", "dora", "prediag", "sora", "pre_ortho", "post_ortho")
 ROTATIONS = ("taylor", "cayley", "exp")
 _ENCODER_BLOCK = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 # The paper's targets (SPEC section 5: every linear layer of every block), by Hugging Face model_type,
@@ -89,7 +88,8 @@ class AdapterConfig:
     """An adapter method and where it applies. Immutable, hashable, JSON round-trippable.
 
     Attributes:
-      method: one of ``lora, dora, prediag, sora, pre_ortho, post_ortho`` (SPEC section 2).
+      method: a name in :data:`sora_jax.methods.METHODS` (``lora, dora, prediag, sora, pre_ortho,
+        post_ortho``, ...; SPEC section 2).
       r: LoRA rank (``A: (d_in, r)``, ``B: (r, d_out)``).
       lora_alpha: LoRA scale numerator: ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
       use_rslora: rank-stabilised scaling.
@@ -141,6 +141,8 @@ class AdapterConfig:
         set_(self, "kernel_axes", _freeze_mapping(self.kernel_axes, "kernel_axes", str))
         set_(self, "lora_alpha", float(self.lora_alpha))
         set_(self, "initial_s_p", float(self.initial_s_p))
+        from sora_jax.methods import METHODS  # the method table (imports JAX; this module stays data only)
+
         if self.method not in METHODS:
             raise AdapterError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.rotation not in ROTATIONS:
@@ -177,19 +179,6 @@ class AdapterConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise AdapterError(f"invalid target_modules regex {self.target_modules!r}: {e}") from e
-
-    # -- method properties --------------------------------------------------------------------
-    @property
-    def has_magnitude(self) -> bool:
-        return self.method == "dora"
-
-    @property
-    def has_diag(self) -> bool:
-        return self.method in ("prediag", "sora")
-
-    @property
-    def has_rotation(self) -> bool:
-        return self.method in ("sora", "pre_ortho", "post_ortho")
 
     # -- selection ----------------------------------------------------------------------------
     def targets(self, path: str) -> bool:

@@ -40,13 +40,9 @@ def hf_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def to_hf_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    """Our array -> the Hugging Face array (``kernel`` leaves are transposed)."""
-    return np.swapaxes(value, -1, -2) if path[-1] == "kernel" else value
-
-
-def from_hf_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    """The Hugging Face array -> our array (inverse of :func:`to_hf_layout`)."""
+def hf_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Our array <-> the Hugging Face array: a ``kernel`` leaf ``(..., d_in, d_out)`` is transposed to
+    ``nn.Linear.weight``'s ``(..., d_out, d_in)`` and back (the map is its own inverse); others are unchanged."""
     return np.swapaxes(value, -1, -2) if path[-1] == "kernel" else value
 
 
@@ -118,7 +114,7 @@ def unstack_layers(params: Mapping[str, Any], stack: str) -> dict[str, Any]:
 
 def params_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Our parameter tree -> a Hugging Face state dict of NumPy arrays (PyTorch names and layout)."""
-    return {hf_key(p): np.ascontiguousarray(to_hf_layout(p, np.asarray(v))) for p, v in iter_paths(params)}
+    return {hf_key(p): np.ascontiguousarray(hf_layout(p, np.asarray(v))) for p, v in iter_paths(params)}
 
 
 # -- checkpoint state dicts -> our parameter tree --------------------------------------------------
@@ -237,9 +233,9 @@ def state_dict_to_params(
         name = adjusted[renamed[k]]
         if name in by_hf:
             path, leaf = by_hf[name]
-            value = from_hf_layout(path, np.asarray(state[k]))
+            value = hf_layout(path, np.asarray(state[k]))
             if tuple(value.shape) != tuple(leaf.shape):
-                want = tuple(to_hf_layout(path, np.empty(leaf.shape, np.int8)).shape)
+                want = tuple(hf_layout(path, np.empty(leaf.shape, np.int8)).shape)
                 hint = (
                     "a task head: pass num_labels equal to the checkpoint's, or load a base checkpoint"
                     if path[0] in heads

@@ -11,6 +11,9 @@ The same layer as :func:`sora_jax.apply_adapter` (SPEC section 2), for ``x: (N, 
 | pre_ortho  | ``(y + b) R + u``                        |
 | post_ortho | ``(y + b + u) R``                        |
 | sora       | ``(d * (y + b) + u) R``                  |
+| post_diag  | ``v * (y + b + u)``                      |
+
+in general ``T_post(T_pre(y + b) + u)`` (DoRA: ``T_post(y + u) + b``).
 
 With LoRA dropout (``xd = drop(x)``, ``u = s xd A B``) DoRA is PEFT's (and the DoRA paper's code's)
 ``y + b + (m / n - 1) (xd W) + (m / n) u``: the magnitude's correction sees the dropped input too; without
@@ -29,7 +32,7 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   backward rather than kept in between, never differentiated; float32 without LoRA dropout,
   ``fused=True``) so that the forward is one matmul
   ``x W' + b'`` and the input gradient one matmul ``G W'^T``, as in the frozen layer; the gradients of
-  ``d`` and DoRA's ``m``, which need the frozen layer's own output, recover it from the kept output
+  a diagonal (``d``, DoRA's ``m``), which need the frozen layer's own output, recover it from the kept output
   (:func:`_frozen_colsum`; the few worst-conditioned output features are computed exactly instead, and in a
   step with more ill-conditioned features than that, the whole frozen output, under ``lax.cond``);
 - takes every thin product of ``x`` in one pass (``x [A, Z C, Z D]``, ``Z`` the rotation's input
@@ -43,7 +46,10 @@ whose gradients for ``A, B, m, d, C, D, s_p`` are all products of activations, n
   ``y = x W`` (DoRA: ``v = x (W + s A B)``) instead. A layer whose input is an activation's output
   (``input_act``, the FFN's output layer) keeps the pre-activation instead and recomputes the activation.
 
-Exact rotations (``cayley``, ``exp``) take the plain autodiff form.
+The layer is written once over the conditioning maps' form ``z T = z * scale + (z L) Rt``
+(:mod:`sora_jax.conditioning`): the backward takes the gradients of each map's ``scale``, ``L`` and ``Rt``
+from the products above and hands them to :func:`jax.vjp` of the map's ``factors`` for its own leaves, so
+every method and rotation kind (``taylor``, ``cayley``, ``exp``) runs the same code.
 
 Pass the result of :func:`adapted_dense` as a sora-jax model's ``dense_fn``.
 """
@@ -54,15 +60,17 @@ import functools
 import itertools
 import zlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from sora_jax import methods
+from sora_jax.activations import activation
 from sora_jax.adapter import Adapter
-from sora_jax.methods import colnorm, condition
-from sora_jax.models.common import activation, default_dense
-from sora_jax.models.recompute import after
-from sora_jax.rotation import rotate, s_p
+from sora_jax.conditioning import Factors, Map, Method, colnorm
+from sora_jax.ops import default_dense
+from sora_jax.recompute import after
 
 Array = jax.Array
 
@@ -87,6 +95,39 @@ def _colnorm_lowrank(P: Array, M: Array) -> Array:
     return jnp.sqrt(jnp.maximum(_colnorm_sq_lowrank(P, M), 0.0))
 
 
+# -- the maps' factors on thin matrices -----------------------------------------------------------------
+def _rows(f: Factors, M: Array) -> Array:
+    """``M T`` for a thin ``M: (k, d_out)`` (``T = diag(scale) + L Rt``)."""
+    out = M if f.scale is None else M * f.scale
+    return out if f.L is None else out + (M @ f.L) @ f.Rt
+
+
+def _rows_t(f: Factors, M: Array) -> Array:
+    """``M T^T`` for a thin ``M: (k, d_out)``."""
+    out = M if f.scale is None else M * f.scale
+    return out if f.L is None else out + (M @ f.Rt.T) @ f.L.T
+
+
+def _left(f: Factors, M: Array) -> Array:
+    """``T M`` for ``M: (d_out, k)`` (so that ``(z T) M = z (T M)``)."""
+    out = M if f.scale is None else f.scale[:, None] * M
+    return out if f.L is None else out + f.L @ (f.Rt @ M)
+
+
+def _scale(*fs: Factors) -> Array | None:
+    """The product of the maps' diagonals (``None``: none has one)."""
+    out = None
+    for f in fs:
+        if f.scale is not None:
+            out = f.scale if out is None else out * f.scale
+    return out
+
+
+def _colsum_rank(tG: Array, Rt: Array) -> Array:
+    """``colsum(G * (t Rt))`` from ``tG = t^T G: (k, d_out)``."""
+    return jnp.sum(tG * Rt, axis=0)
+
+
 # -- the layer with a hand-written backward ----------------------------------------------------------
 def _tdot(a: Array, b: Array) -> Array:
     """``a^T b`` for ``a: (N, k)``, ``b: (N, d)`` -> ``(k, d)``: the fast orientation of a thin
@@ -94,335 +135,373 @@ def _tdot(a: Array, b: Array) -> Array:
     return jax.lax.optimization_barrier(jnp.dot(a.T, b))
 
 
-ROTATING = ("pre_ortho", "post_ortho", "sora")
+def _split(t: Array, widths: list[int], axis: int = -1) -> list[Array]:
+    """``t`` cut along ``axis`` into pieces of the given widths (a width may be 0)."""
+    return jnp.split(t, list(itertools.accumulate(widths))[:-1], axis=axis)
 
 
-def _rot_rows(Z: Array, C: Array, D: Array, sp: Array) -> Array:
-    """``Z R = Z + s_p ((Z C) D^T - (Z D) C^T)`` for ``Z: (..., d_out)`` (the Taylor rotation)."""
-    return Z + sp * ((Z @ C) @ D.T - (Z @ D) @ C.T)
-
-
-def _rotation_thin(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
-    """``Z U`` and ``b_z``: the rotation's input ``z = x Z + b_z`` (``Z: (d_in, d_out)``: ``W`` (Pre-Ortho),
-    ``W + s A B`` (Post-Ortho), ``W diag(d) + s A B`` (SORA)) times ``U = [C, D]: (d_out, 2 r_p)``, from the
-    factors (``(d_in, 2 r_p)``, ``Z`` itself is never formed)."""
-    U = jnp.concatenate([lv["C"], lv["D"]], axis=1)
-    if method == "pre_ortho":
-        return W @ U, b
-    if method == "post_ortho":
-        return W @ U + lv["A"] @ (lv["Bs"] @ U), b
-    return W @ (lv["d"][:, None] * U) + lv["A"] @ (lv["Bs"] @ U), None if b is None else lv["d"] * b  # sora
-
-
-def _conditioned(method: str, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
-    """``(W', b')`` of SPEC section 2 (:func:`sora_jax.methods.condition`) from the layer's leaves
-    (``Bs = s B``; DoRA's ``k = m / n``; ``sp``). ``W': (d_in, d_out)``, formed in
-    ``O(d_in d_out (r + 2 r_p))``, never differentiated. With a rotation, ``Z R = Z + s_p ((Z C) D^T - (Z D) C^T)``
-    is folded into one thin product: ``W' = W_0 + [A, s_p Z C, -s_p Z D] [Bs; D^T; C^T]`` (``W_0 = W diag(d)``
-    for SORA, else ``W``; Pre-Ortho: ``W R + s A B`` with ``Z = W``), two passes over ``(d_in, d_out)``."""
-    if method not in ROTATING:
-        return condition(method, W, b, lv["A"] @ lv["Bs"], d=lv.get("d"), dora_scale=lambda _: lv["k"])
-    C, D, sp = lv["C"], lv["D"], lv["sp"]
-    r_p = C.shape[1]
-    ZU, bz = _rotation_thin(method, W, b, lv)
-    left = jnp.concatenate([lv["A"], sp * ZU[:, :r_p], -sp * ZU[:, r_p:]], axis=1)
-    right = jnp.concatenate([lv["Bs"], D.T, C.T], axis=0)
-    base = W * lv["d"] if method == "sora" else W
-    return base + left @ right, None if bz is None else _rot_rows(bz, C, D, sp)
-
-
-# the methods whose gradient needs the frozen layer's own output (``d``'s, DoRA's ``k``'s): the fused form
-# keeps the layer output and recovers that gradient from it (:func:`_frozen_colsum`)
-OUTPUT_KEPT = ("dora", "prediag", "sora")
 KAPPA = 64.0  # the largest rounding-error amplification the recovery may have (6 of float32's 24 bits)
 EXACT_COLUMNS = 8  # output features per layer whose frozen output is computed exactly (the worst-conditioned)
 
 
-def _fused_forward(method: str, x: Array, W: Array, b: Array | None, lv: dict[str, Array], res: dict):
-    """The forward with ``W'`` formed (``fused``): ``out = x W' + b'`` (one matmul) for every method, and
-    one thin pass over ``x`` for ``h = x A``, with a rotation ``ac = z [C, D] = x (Z [C, D]) + b_z [C, D]``,
-    and for :data:`OUTPUT_KEPT` methods the frozen output of the :data:`EXACT_COLUMNS` output features
-    whose recovery from ``out`` is worst conditioned (:func:`recovery_kappa`); those methods keep ``x W'``
-    (the output before its bias, which XLA keeps for the next operation anyway where that is elementwise)."""
-    A = lv["A"]
-    thin = [A]
-    if method in ROTATING:
-        ZU, bz = _rotation_thin(method, W, b, lv)  # (d_in, 2 r_p)
-        thin.append(ZU)
-    Weff, beff = _conditioned(method, W, b, lv)
-    if method in OUTPUT_KEPT:
-        kappa = recovery_kappa(method, {"W": W, **lv}, Weff)
-        idx = jax.lax.top_k(kappa, min(EXACT_COLUMNS, kappa.shape[0]))[1]
-        Vk = W[:, idx] + A @ lv["Bs"][:, idx] if method == "dora" else W[:, idx]  # (d_in, K)
-        thin.append(Vk)
-        res["idx"] = idx
-        res["covered"] = (kappa <= KAPPA).at[idx].set(True)
-    hz = x @ jnp.concatenate(thin, axis=1)
-    widths = [t.shape[1] for t in thin]
-    parts = jnp.split(hz, list(itertools.accumulate(widths))[:-1], axis=1)
-    res["h"] = parts[0]
-    if method in ROTATING:
-        res["ac"] = parts[1] if bz is None else parts[1] + bz @ jnp.concatenate([lv["C"], lv["D"]], axis=1)
-    if method in OUTPUT_KEPT:
-        pk = parts[-1]
-        res["p_idx"] = pk if b is None or method == "dora" else pk + b[res["idx"]]
-    # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
-    dot = x @ Weff
-    if method in OUTPUT_KEPT:
-        res["dot"] = dot
-    return (dot if beff is None else dot + beff), res
+class Stages(NamedTuple):
+    """A layer's two maps with their parameters and factors."""
+
+    pre: Map
+    post: Map
+    pp: dict[str, Array]
+    pq: dict[str, Array]
+    fp: Factors
+    fq: Factors
 
 
-def _frozen_colsum(
-    method: str,
-    G: Array,
-    res: dict,
-    hG: Array,
-    acG: Array | None,
-    beff: Array | None = None,
-    x: Array | None = None,
-) -> Array:
-    """``colsum(G * p)`` with ``p = x W + b`` (Pre-Diag, SORA: ``d``'s gradient) or ``p = v = x (W + s A B)``
-    (DoRA: ``k``'s gradient), ``G: (N, d_out)`` -> ``(d_out,)``; ``beff``: the effective bias ``b'``.
-
-    Unfused, ``y = x W`` was kept. Fused, only the output was, and ``p`` is one step from it:
-
-    - Pre-Diag: ``out = d * p + h Bs``, so ``d * colsum(G p) = colsum(G out) - colsum(Bs * h^T G)``;
-    - SORA: ``out = z + s_p (a D^T - c C^T)`` with ``[a, c] = z [C, D]`` kept and ``z = d * p + h Bs``, so
-      ``d * colsum(G p) = colsum(G out) - s_p colsum(a^T G * D^T - c^T G * C^T) - colsum(Bs * h^T G)``;
-    - DoRA: ``out = k * v + b``, so ``k * colsum(G v) = colsum(G out) - colsum(G) b``;
-
-    one reduction pass over ``G`` and ``out`` (``h^T G``, ``[a, c]^T G`` are the backward's anyway), then a
-    division by ``d`` (``k``), which amplifies the rounding error of ``out`` by :func:`recovery_kappa`.
-    The :data:`EXACT_COLUMNS` worst-conditioned features take ``p`` from the forward instead (``x W`` of
-    those columns, in the forward's thin pass). If more features than that are ill-conditioned
-    (``kappa_j >`` :data:`KAPPA`: a diagonal entry near 0, an update that dwarfs its frozen column, DoRA's
-    ``m_j = 0``), that step computes ``p = x W`` (``+ b``; DoRA ``+ h Bs``) in full under :func:`jax.lax.cond`
-    (``x: (N, d_in)``, the layer's input) and takes their gradients from it: exact, never NaN, at the cost of
-    one frozen matmul in those steps only."""
-    b, Bs = res["b"], res["Bs"]
-    if "y" in res:  # unfused
-        if method == "dora":
-            return jnp.sum(G * res["y"], axis=0) + jnp.sum(Bs * hG, axis=0)
-        return jnp.sum(G * (res["y"] if b is None else res["y"] + b), axis=0)
-    q = jnp.sum(G * res["dot"], axis=0)  # colsum(G out), out = dot + b'
-    if beff is not None:
-        q = q + jnp.sum(G, axis=0) * beff
-    scale = res["k"] if method == "dora" else res["d"]
-    if method == "dora":
-        known = 0.0 if b is None else jnp.sum(G, axis=0) * b
-    else:
-        known = jnp.sum(Bs * hG, axis=0)
-        if method == "sora":
-            C, D, sp = res["C"], res["D"], res["sp"]
-            r_p = C.shape[1]
-            known = known + sp * jnp.sum(acG[:r_p] * D.T - acG[r_p:] * C.T, axis=0)
-    idx, covered = res["idx"], res["covered"]
-    exact = jnp.sum(jnp.take(G, idx, axis=1) * res["p_idx"], axis=0)
-    pG = ((q - known) / scale).at[idx].set(exact)
-
-    def frozen_exact() -> Array:  # colsum(G p) from p itself: one more frozen matmul
-        p = x @ res["W"]
-        if method == "dora":
-            p = p + res["h"] @ Bs
-        elif b is not None:
-            p = p + b
-        return jnp.sum(G * p, axis=0)
-
-    # a runtime branch: only the steps with more ill-conditioned features than exact columns take it
-    full = jax.lax.cond(jnp.all(covered), lambda: jnp.zeros_like(pG), frozen_exact)
-    return jnp.where(covered, pG, full)
+def _stages(m: Method, lv: dict[str, Array]) -> Stages:
+    pp = {k: lv[k] for k in m.pre.param_names}
+    pq = {k: lv[k] for k in m.post.param_names}
+    return Stages(m.pre, m.post, pp, pq, m.pre.factors(pp), m.post.factors(pq))
 
 
-def recovery_kappa(method: str, lv: dict[str, Array], Weff: Array) -> Array:
+def _target(m: Method) -> str | None:
+    """Which map's diagonal needs the frozen output's column sums (``"pre"``, ``"post"``), or ``None``."""
+    return "post" if m.post.scaled else "pre" if m.pre.scaled else None
+
+
+def fusable(m: Method) -> bool:
+    """Whether the fused form can recover the diagonal's gradient from the layer output: at most one of the
+    two maps has a diagonal, and a ``T_post`` diagonal has no low-rank part."""
+    return not (m.pre.scaled and m.post.scaled) and not (m.post.scaled and m.post.low_rank)
+
+
+def _biases(st: Stages, b: Array | None) -> tuple[Array | None, Array | None]:
+    """``(b_in, b_out)``: the bias inside ``T_pre``'s input ``p = x W + b_in``, and the one added to the output
+    (``T_pre(b)``, for a ``T_post`` that leaves the bias alone: DoRA)."""
+    if b is None or st.post.conditions_bias:
+        return b, None
+    return None, st.pre.apply(b, st.pp, st.fp)
+
+
+def _weight(m: Method, W: Array, b: Array | None, lv: dict[str, Array]) -> tuple[Array, Array | None]:
+    """``(W', b')`` from the layer's params (``Bs = s B``). ``W': (d_in, d_out)``, formed in
+    ``O(d_in d_out (r + k))`` and never differentiated: the low-rank parts of both maps and ``A Bs`` are
+    one thin product, ``W' = W diag(scale) + [A, W L_pre, Z L_post] [Bs; Rt_pre; Rt_post]`` (``Z`` the
+    input of ``T_post``, its product with ``L_post`` taken from the factors), two passes over
+    ``(d_in, d_out)``; a ``T_post`` diagonal scales the sum."""
+    st = _stages(m, lv)
+    A, Bs = lv["A"], lv["Bs"]
+    left, right = [A], [Bs]
+    if st.fp.L is not None:
+        left.append(W @ st.fp.L)
+        right.append(st.fp.Rt)
+    if st.fq.L is not None:
+        left.append(W @ _left(st.fp, st.fq.L) + A @ (Bs @ st.fq.L))
+        right.append(st.fq.Rt)
+    base = W if st.fp.scale is None else W * st.fp.scale
+    Weff = base + jnp.concatenate(left, axis=1) @ jnp.concatenate(right, axis=0)
+    if st.fq.scale is not None:
+        Weff = Weff * st.fq.scale
+    b_in, b_out = _biases(st, b)
+    if b_in is not None:
+        b_out = st.post.apply(st.pre.apply(b_in, st.pp, st.fp), st.pq, st.fq)
+    return Weff, b_out
+
+
+def recovery_kappa(method: str | Method, lv: dict[str, Array], Weff: Array) -> Array:
     """How much recovering the frozen output from the layer output amplifies rounding error, per output
-    feature (``(d_out,)``; ``inf`` where it is impossible): ``kappa_j = (||W'_j|| + ||E_j||) / (|d_j| ||W_j||)``,
-    ``E`` what :func:`_frozen_colsum` subtracts (``s A B``, and SORA's ``Z K``); DoRA: 1 where ``k_j != 0``.
+    feature (``(d_out,)``; ``inf`` where it is impossible): for a ``T_pre`` diagonal ``d``,
+    ``kappa_j = (||W'_j|| + ||E_j||) / (|d_j| ||W_j||)``, ``E`` what :func:`_layer_bwd` subtracts (``s A B``
+    and the maps' low-rank terms); for a ``T_post`` diagonal (DoRA's ``k``): 1 where it is not 0.
 
-    ``lv``: the layer's ``W (d_in, d_out)``, ``A``, ``Bs`` and ``d`` (with ``C, D, sp`` for SORA) or DoRA's
-    ``k``; ``Weff``: the effective weight ``W'``."""
-    if method == "dora":
-        return jnp.where(lv["k"] != 0, 1.0, jnp.inf).astype(Weff.dtype)
-    W, A, Bs, d = lv["W"], lv["A"], lv["Bs"], lv["d"]
+    ``lv``: the layer's ``W (d_in, d_out)``, ``A``, ``Bs`` and the maps' params; ``Weff``: ``W'``."""
+    m = methods.TABLE[method] if isinstance(method, str) else method
+    st = _stages(m, {k: v for k, v in lv.items() if k != "W"})
+    if _target(m) == "post":
+        return jnp.where(st.fq.scale != 0, 1.0, jnp.inf).astype(Weff.dtype)
+    W, A, Bs = lv["W"], lv["A"], lv["Bs"]
     e = _colnorm_lowrank(A, Bs)
-    if method == "sora":
-        C, D, sp = lv["C"], lv["D"], lv["sp"]
-        ZU = _rotation_thin(method, W, None, lv)[0]  # Z U, Z = W diag(d) + A Bs
-        e = e + _colnorm_lowrank(ZU, sp * jnp.concatenate([D.T, -C.T], axis=0))
+    if st.fq.L is not None:
+        e = e + _colnorm_lowrank(W @ _left(st.fp, st.fq.L) + A @ (Bs @ st.fq.L), st.fq.Rt)
+    if st.fp.L is not None:
+        e = e + _colnorm_lowrank(W @ st.fp.L, st.fp.Rt)
     num = colnorm(Weff) + e
-    den = jnp.abs(d) * colnorm(W)
+    den = jnp.abs(st.fp.scale) * colnorm(W)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.inf)
+
+
+class Saved(NamedTuple):
+    """What the forward keeps for :func:`_layer_bwd` (``None``: not kept for this method or form)."""
+
+    x: Array  # (N, d_in): the layer's input (the pre-activation with ``act``)
+    W: Array  # (d_in, d_out)
+    b: Array | None  # (d_out,)
+    xd: Array | None  # (N, d_in): the LoRA branch's input after dropout
+    lv: dict[str, Array]  # the layer's params: A, Bs and the maps'
+    h: Array  # (N, r): xd A
+    t_pre: Array | None  # (N, k_pre): p L_pre, p = x W + b_in the input of T_pre
+    t_post: Array | None  # (N, k_post): z L_post, z = T_pre(p) + h Bs the input of T_post
+    y: Array | None  # unfused: the frozen product entering p (x W; DoRA with dropout: xd W)
+    dot: Array | None  # fused: x W', for the recovery of the frozen output's column sums
+    idx: Array | None  # fused: the EXACT_COLUMNS output features computed exactly
+    covered: Array | None  # fused: (d_out,) bool, the features whose recovery is well conditioned
+    t_idx: Array | None  # fused: (N, EXACT_COLUMNS): the diagonal's input in those features
+
+
+def _bypass(m: Method, xd: Array | None) -> bool:
+    """DoRA with LoRA dropout (PEFT's form): ``T_post``'s frozen input comes from ``xd``, ``(x - xd) W``
+    bypasses it."""
+    return xd is not None and m.post.frozen_input_dropped
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _layer(
-    method: str, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
+    method: Method, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
     lv: dict[str, Array]
 ) -> Array:
-    """One adapted layer (Taylor rotation) on 2-D activations ``x, xd: (N, d_in)`` -> ``(N, d_out)``.
+    """One adapted layer on 2-D activations ``x, xd: (N, d_in)`` -> ``(N, d_out)``.
 
     ``xd`` is the LoRA branch's input (``x`` after dropout; ``None``: ``x`` itself); ``lv`` holds ``A (d_in, r)``,
-    ``Bs = s B (r, d_out)`` and, per method, ``d (d_out,)``, ``k = m / n (d_out,)`` (DoRA),
-    ``C, D (d_out, r_p)`` and ``sp`` (scalar ``s_p``). ``fused`` (needs ``xd is None``): form the
-    effective weight ``W'`` once per step, take the input gradient as ``G W'^T`` (one matmul, as the
-    frozen layer) and the output as ``x W' + b'``. ``act`` (an activation's name, or ``None``): the layer's
-    input is ``act(x)``; ``x``, the pre-activation, is what the backward keeps, and it recomputes ``act(x)``
-    when it needs it. Undifferentiated (inference), a fused layer is always ``x W' + b'``: the cost of the
-    merged model plus forming ``W'``."""
+    ``Bs = s B (r, d_out)`` and the maps' params (``d``, DoRA's ``k = m / n``, ``C, D, sp``). ``fused`` (needs
+    ``xd is None``): form the effective weight ``W'`` once per step, take the input gradient as ``G W'^T``
+    (one matmul, as the frozen layer) and the output as ``x W' + b'``. ``act`` (an activation's name, or
+    ``None``): the layer's input is ``act(x)``; ``x``, the pre-activation, is what the backward keeps, and it
+    recomputes ``act(x)`` when it needs it. Undifferentiated (inference), a fused layer is always
+    ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
     if fused:
         x = x if act is None else activation(act)(x)
-        Weff, beff = _conditioned(method, W, b, lv)
+        Weff, beff = _weight(method, W, b, lv)
         return x @ Weff if beff is None else x @ Weff + beff
     return _layer_fwd(method, fused, act, x, W, b, xd, lv)[0]
 
 
+def _fused_forward(m: Method, x: Array, W: Array, b: Array | None, lv: dict[str, Array], saved: dict):
+    """The forward with ``W'`` formed (``fused``): ``out = x W' + b'`` (one matmul), and one thin pass over
+    ``x`` for ``h = x A``, the maps' ``p L_pre`` and ``z L_post`` (from ``x (W L_pre)``, ``x (Z L_post)``) and,
+    for a method with a diagonal, the diagonal's input in the :data:`EXACT_COLUMNS` output features whose
+    recovery from ``out`` is worst conditioned (:func:`recovery_kappa`); those methods keep ``x W'`` (the
+    output before its bias, which XLA keeps for the next operation anyway where that is elementwise)."""
+    st = _stages(m, lv)
+    A, Bs = lv["A"], lv["Bs"]
+    b_in, _ = _biases(st, b)
+    thin = [A]
+    if st.fp.L is not None:
+        thin.append(W @ st.fp.L)
+    if st.fq.L is not None:
+        thin.append(W @ _left(st.fp, st.fq.L) + A @ (Bs @ st.fq.L))
+    Weff, beff = _weight(m, W, b, lv)
+    target = _target(m)
+    if target is not None:
+        kappa = recovery_kappa(m, {"W": W, **lv}, Weff)
+        idx = jax.lax.top_k(kappa, min(EXACT_COLUMNS, kappa.shape[0]))[1]
+        Vk = W[:, idx]
+        if target == "post":  # the columns of Z = T_pre(W) + A Bs
+            Vk = st.pre.apply(W, st.pp, st.fp)[:, idx] + A @ Bs[:, idx]
+        thin.append(Vk)
+        saved.update(idx=idx, covered=(kappa <= KAPPA).at[idx].set(True))
+    parts = _split(x @ jnp.concatenate(thin, axis=1), [t.shape[1] for t in thin])
+    saved["h"] = parts.pop(0)
+    bz = None if b_in is None else st.pre.apply(b_in, st.pp, st.fp)  # the bias inside z
+    if st.fp.L is not None:
+        t = parts.pop(0)
+        saved["t_pre"] = t if b_in is None else t + b_in @ st.fp.L
+    if st.fq.L is not None:
+        t = parts.pop(0)
+        saved["t_post"] = t if bz is None else t + bz @ st.fq.L
+    if target is not None:
+        bt = b_in if target == "pre" else bz
+        saved["t_idx"] = parts[0] if bt is None else parts[0] + bt[saved["idx"]]
+    # W' is not kept: the backward forms it again (cheap next to its (d_in, d_out) memory)
+    dot = x @ Weff
+    if target is not None:
+        saved["dot"] = dot
+    return (dot if beff is None else dot + beff), saved
+
+
 def _layer_fwd(
-    method: str, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
+    method: Method, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
     lv: dict[str, Array]
 ):
-    res: dict[str, Array | None] = {"x": x, "W": W, "b": b, "xd": xd, **lv}
+    saved: dict = {"x": x, "W": W, "b": b, "xd": xd, "lv": lv}
     if act is not None:
         x = activation(act)(x)
     if fused:
-        return _fused_forward(method, x, W, b, lv, res)
-    Bs = lv["Bs"]
-    h = res["h"] = (x if xd is None else xd) @ lv["A"]
-    y = x @ W
-    u = h @ Bs
-    p = y if b is None else y + b
-    if method == "lora":
-        return p + u, res
-    res["y"] = y
-    if method == "dora":
-        k = lv["k"]
-        if xd is None:
-            out = k * (y + u)
-        else:  # PEFT's form: y + (k - 1) xd W + k u (dropout on the magnitude's input as well)
-            yd = res["y"] = xd @ W
-            out = y + (k - 1) * yd + k * u
-        return (out if b is None else out + b), res
-    if method == "prediag":
-        return lv["d"] * p + u, res
-    # rotations: a = z C, c = z D from the factors of z (z itself is never an input of a matmul)
-    C, D, sp = lv["C"], lv["D"], lv["sp"]
-    U = jnp.concatenate([C, D], axis=1)  # (d_out, 2 r_p)
-    if method == "sora":
-        z = lv["d"] * p + u
-        ac = y @ (lv["d"][:, None] * U) + h @ (Bs @ U)
-        if b is not None:
-            ac = ac + (lv["d"] * b) @ U
+        out, saved = _fused_forward(method, x, W, b, lv, saved)
     else:
-        z = p if method == "pre_ortho" else p + u
-        ac = y @ U
-        if b is not None:
-            ac = ac + b @ U
-        if method == "post_ortho":
-            ac = ac + h @ (Bs @ U)
-    r_p = C.shape[1]
-    res["ac"] = ac
-    out = z + sp * (ac[:, :r_p] @ D.T - ac[:, r_p:] @ C.T)
-    return (out + u if method == "pre_ortho" else out), res
+        st = _stages(method, lv)
+        b_in, b_out = _biases(st, b)
+        h = saved["h"] = (x if xd is None else xd) @ lv["A"]
+        y = x @ W
+        bypass = _bypass(method, xd)
+        yp = xd @ W if bypass else y
+        p = yp if b_in is None else yp + b_in
+        if st.fp.L is not None:
+            saved["t_pre"] = p @ st.fp.L
+        z = st.pre.apply(p, st.pp, st.fp, saved.get("t_pre")) + h @ lv["Bs"]
+        if st.fq.L is not None:
+            saved["t_post"] = z @ st.fq.L
+        out = st.post.apply(z, st.pq, st.fq, saved.get("t_post"))
+        if bypass:
+            out = out + (y - yp)
+        if b_out is not None:
+            out = out + b_out
+        if _target(method) is not None:
+            saved["y"] = yp
+    return out, Saved(**{f: saved.get(f) for f in Saved._fields})
 
 
-_LEAVES = ("A", "Bs", "d", "k", "C", "D", "sp")  # the names of a layer's adapter leaves ``lv``
+def _frozen_colsum(m: Method, st: Stages, res: Saved, G: Array, x: Array, hG: Array, tpG: Array | None,
+                   tqG: Array | None, beff: Array | None) -> Array:
+    """``colsum(G * t)``, ``G: (N, d_out)`` -> ``(d_out,)``, for ``t`` the input of the map with the diagonal:
+    ``p = x W + b_in`` (``T_pre``: Pre-Diag, SORA) or ``z = T_pre(p) + h Bs`` (``T_post``: DoRA's ``k``).
+    ``hG = h^T G``, ``tpG = t_pre^T G``, ``tqG = t_post^T G`` (the backward's anyway).
+
+    Unfused, the frozen product was kept. Fused, only the output ``out = x W' + b'`` was, and ``t`` is a few
+    steps from it, each either a subtraction of a known low-rank term (``colsum(G * (t_q Rt_q)) =
+    colsum(tqG * Rt_q)``, ``colsum(G * h Bs) = colsum(hG * Bs)``) or the division by the diagonal, which
+    amplifies the rounding error of ``out`` by :func:`recovery_kappa`:
+
+    - Pre-Diag: ``out = d * p + h Bs``: ``d * colsum(G p) = colsum(G out) - colsum(Bs * h^T G)``;
+    - SORA: ``out = z + (z L) Rt`` and ``z = d * p + h Bs``: subtract both terms, divide by ``d``;
+    - DoRA: ``out = k * z + b``: ``k * colsum(G z) = colsum(G (out - b))``.
+
+    The :data:`EXACT_COLUMNS` worst-conditioned features take ``t`` from the forward instead (``x W`` of those
+    columns, in the forward's thin pass). If more features than that are ill-conditioned (``kappa_j >``
+    :data:`KAPPA`: a diagonal entry near 0, an update that dwarfs its frozen column, DoRA's ``m_j = 0``), that
+    step computes ``t`` in full under :func:`jax.lax.cond` from ``x: (N, d_in)``, the layer's input, and takes
+    their gradients from it: exact, never NaN, at the cost of one frozen matmul in those steps only."""
+    target = _target(m)
+    b_in, _ = _biases(st, res.b)
+    Bs = res.lv["Bs"]
+    if res.y is not None:  # unfused
+        cp = jnp.sum(G * (res.y if b_in is None else res.y + b_in), axis=0)  # colsum(G p)
+        if target == "pre":
+            return cp
+        cz = cp if st.fp.scale is None else cp * st.fp.scale  # colsum(G T_pre(p))
+        if tpG is not None:
+            cz = cz + _colsum_rank(tpG, st.fp.Rt)
+        return cz + jnp.sum(Bs * hG, axis=0)
+    q = jnp.sum(G * res.dot, axis=0)  # colsum(G T_post(z)); out = dot + b'
+    if beff is not None and st.post.conditions_bias:
+        q = q + jnp.sum(G, axis=0) * beff
+    if tqG is not None:
+        q = q - _colsum_rank(tqG, st.fq.Rt)
+    if target == "post":
+        rec = q / st.fq.scale
+    else:  # q = colsum(G z); z = T_pre(p) + h Bs
+        q = q - jnp.sum(Bs * hG, axis=0)
+        if tpG is not None:
+            q = q - _colsum_rank(tpG, st.fp.Rt)
+        rec = q / st.fp.scale
+    exact = jnp.sum(jnp.take(G, res.idx, axis=1) * res.t_idx, axis=0)
+    rec = rec.at[res.idx].set(exact)
+
+    def frozen_exact() -> Array:  # colsum(G t) from t itself: one more frozen matmul
+        t = x @ res.W
+        if b_in is not None:
+            t = t + b_in
+        if target == "post":
+            t = st.pre.apply(t, st.pp, st.fp) + res.h @ Bs
+        return jnp.sum(G * t, axis=0)
+
+    # a runtime branch: only the steps with more ill-conditioned features than exact columns take it
+    full = jax.lax.cond(jnp.all(res.covered), lambda: jnp.zeros_like(rec), frozen_exact)
+    return jnp.where(res.covered, rec, full)
 
 
-def _layer_bwd(method: str, fused: bool, act: str | None, res: dict[str, Array | None], G: Array):
-    x, W, b, xd, h, A, Bs = (res[k] for k in ("x", "W", "b", "xd", "h", "A", "Bs"))
+def _layer_bwd(method: Method, fused: bool, act: str | None, res: Saved, G: Array):
+    x, W, b, xd, lv, h = res.x, res.W, res.b, res.xd, res.lv, res.h
     if act is not None:  # the input again, from the kept pre-activation
         x, act_vjp = jax.vjp(activation(act), after(x, G))
-    grads: dict[str, Array] = {}
+    A, Bs = lv["A"], lv["Bs"]
+    st = _stages(method, lv)
+    pp, pq = st.pp, st.pq
+    fp, vjp_pre = jax.vjp(st.pre.factors, pp)
+    fq, vjp_post = jax.vjp(st.post.factors, pq)
+    b_in, _ = _biases(st, b)
+    bypass = _bypass(method, xd)
+    xp = xd if bypass else x  # the input of the frozen product entering p
     Weff, beff = None, None
-    dyd = None  # DoRA with dropout: the cotangent of ``xd W``
-    if fused:  # W' formed again from leaves tied to G (not the forward's W', kept alive until here)
-        lvt = {k: after(res[k], G) for k in _LEAVES if k in res}
-        Weff, beff = _conditioned(method, W, b, lvt)
-    if method in ROTATING:
-        C, D, sp, ac = res["C"], res["D"], res["sp"], res["ac"]
-        r_p = C.shape[1]
-        first = G @ jnp.concatenate([D, C, Bs.T], axis=1)  # one pass over G: [G D, G C, G Bs^T]
-        GU, GBt = first[:, : 2 * r_p], first[:, 2 * r_p :]
-        Q = sp * jnp.concatenate([C.T, -D.T], axis=0)  # (2 r_p, d_out): G R^T = G + GU Q
-        second = _tdot(jnp.concatenate([ac, h], axis=1), G)  # one pass over G: [a^T G; c^T G; h^T G]
-        acG, hG = second[: 2 * r_p], second[2 * r_p :]
-        dh = GBt if method == "pre_ortho" else GBt + GU @ (Q @ Bs.T)
-        # GU^T p (p = x W + b) from GU^T x, in the same pass over x as A's gradient (dh^T x)
-        if xd is None:
-            both = _tdot(jnp.concatenate([dh, GU], axis=1), x)
-            dAt, GUx = both[: dh.shape[1]], both[dh.shape[1] :]
-        else:
-            dAt, GUx = _tdot(dh, xd), _tdot(GU, x)
-        grads["A"] = dAt.T
-        GUp = GUx @ W
-        if b is not None:
-            GUp = GUp + jnp.sum(GU, axis=0)[:, None] * b[None, :]
-        hGU = _tdot(h, GU)  # (r, 2 r_p)
-        # GU^T z for the rotation input z
-        if method == "pre_ortho":
-            GUz = GUp
-        elif method == "post_ortho":
-            GUz = GUp + hGU.T @ Bs
-        else:
-            GUz = GUp * res["d"] + hGU.T @ Bs
-        grads["C"] = sp * (GUz[:r_p] - acG[r_p:]).T
-        grads["D"] = sp * (acG[:r_p] - GUz[r_p:]).T
-        grads["sp"] = (jnp.sum(GU[:, :r_p] * ac[:, :r_p]) - jnp.sum(GU[:, r_p:] * ac[:, r_p:])).astype(sp.dtype)
-        if method == "pre_ortho":  # dp = G R^T, du = G
-            dx = G @ W.T + GU @ (Q @ W.T)
-            grads["Bs"] = hG
-            dp = G + GU @ Q
-        else:  # du = dz = G R^T; dp = dz (post_ortho) or d * dz (sora)
-            grads["Bs"] = hG + hGU @ Q
-            if method == "post_ortho":
-                dx = G @ W.T + GU @ (Q @ W.T)
-                dp = G + GU @ Q
-            else:
-                d = res["d"]
-                dx = G @ (W * d).T + GU @ ((Q * d) @ W.T)
-                grads["d"] = _frozen_colsum(method, G, res, hG, acG, beff, x) + jnp.sum(Q * GUp, axis=0)
-                dp = d * (G + GU @ Q)
+    if fused:  # W' formed again from params tied to G (not the forward's W', kept alive until here)
+        Weff, beff = _weight(method, W, b, {k: after(v, G) for k, v in lv.items()})
+    r = Bs.shape[0]
+    k_p = 0 if fp.L is None else fp.L.shape[1]
+    k_q = 0 if fq.L is None else fq.L.shape[1]
+    # one pass over G: dh = dz Bs^T = G (Bs T_post)^T; g_p = dz Rt_pre^T; g_q = G Rt_post^T
+    cols = _rows(fq, Bs if fp.L is None else jnp.concatenate([Bs, fp.Rt], axis=0)).T
+    if fq.L is not None:
+        cols = jnp.concatenate([cols, fq.Rt.T], axis=1)
+    dh, g_p, g_q = _split(G @ cols, [r, k_p, k_q])
+    # one pass over G: [t_post, t_pre, h]^T G
+    kept = [t for t in (res.t_post, res.t_pre, h) if t is not None]
+    tqG, tpG, hG = _split(_tdot(jnp.concatenate(kept, axis=1), G), [k_q, k_p, r], axis=0)
+    grads = {"Bs": _rows_t(fq, hG)}  # h^T dz
+    # the thin products of the frozen input, in one pass over it with A's gradient (dh^T xd)
+    g_pq = jnp.concatenate([g_q, g_p], axis=1)
+    if xd is None and k_p + k_q:
+        both = _tdot(jnp.concatenate([dh, g_pq], axis=1), x)
+        dAt, gx = both[:r], both[r:]
     else:
-        hG = _tdot(h, G)
-        if method == "dora":
-            k = res["k"]
-            dh = G @ (Bs * k).T
-            grads["Bs"] = hG * k
-            grads["k"] = _frozen_colsum(method, G, res, hG, None, beff, x)
-            if xd is None:
-                dx = G @ (W * k).T
-                dp = k * G  # cotangent of y; the bias gets G
-            else:  # out = y + (k - 1) xd W + k u: y's cotangent is G, xd W's (k - 1) G
-                dx = G @ W.T
-                dp = G
-                dyd = (k - 1) * G
-        else:
-            dh = G @ Bs.T
-            grads["Bs"] = hG
-            if method == "prediag":
-                d = res["d"]
-                dx = G @ (W * d).T
-                grads["d"] = _frozen_colsum(method, G, res, hG, None, beff, x)
-                dp = d * G
-            else:
-                dx = G @ W.T
-                dp = G
-        grads["A"] = _tdot(dh, x if xd is None else xd).T  # (d_in, r)
+        dAt = _tdot(dh, x if xd is None else xd)
+        gx = _tdot(g_pq, xp) if k_p + k_q else None
+    grads["A"] = dAt.T
+    dfp, dfq = Factors(), Factors()
+    gp = None
+    if gx is not None:
+        gp = gx @ W  # g^T p, p = xp W + b_in
+        if b_in is not None:
+            gp = gp + jnp.sum(g_pq, axis=0)[:, None] * b_in[None, :]
+    if fq.L is not None:  # T_post's input z: g_q^T z = T_pre(g_q^T p) + (h^T g_q)^T Bs
+        gqz = _rows(fp, gp[:k_q]) + (hG @ fq.Rt.T).T @ Bs
+        dfq = dfq._replace(L=gqz.T, Rt=tqG)
+    if fp.L is not None:  # T_pre's input p, cotangent dz = G T_post^T
+        dfp = dfp._replace(L=gp[k_q:].T, Rt=_rows_t(fq, tpG))
+    target = _target(method)
+    if target is not None:
+        cs = _frozen_colsum(method, st, res, G, xp, hG, tpG if fp.L is not None else None,
+                            tqG if fq.L is not None else None, beff)
+        if target == "post":
+            dfq = dfq._replace(scale=cs)
+        else:  # colsum(dz p), dz = G T_post^T = G scale_q + g_q L_q^T
+            cdz = cs if fq.scale is None else cs * fq.scale
+            if fq.L is not None:
+                cdz = cdz + jnp.sum(fq.L.T * gp[:k_q], axis=0)
+            dfp = dfp._replace(scale=cdz)
+    grads.update(vjp_pre(dfp)[0])
+    grads.update(vjp_post(dfq)[0])
+    # the cotangent of the frozen product: dp = dz T_pre^T, dz = G T_post^T (dead code unless needed)
+    dz = G if fq.scale is None else G * fq.scale
+    if fq.L is not None:
+        dz = dz + g_q @ fq.L.T
+    dp = dz if fp.scale is None else dz * fp.scale
+    if fp.L is not None:
+        dp = dp + g_p @ fp.L.T
+    dyd = None
     if fused:  # the input gradient through the effective weight: one matmul, as in the frozen layer
         dx, dxd = G @ Weff.T, None
     else:
         dxd = dh @ A.T
-        if dyd is not None:
+        if bypass:  # out = T_post(yd + u) + (y - yd) + b: y's cotangent is G, yd's dp - G
+            dx = G @ W.T
+            dyd = dp - G
             dxd = dxd + dyd @ W.T
+        else:  # dp W^T without forming dp: G (W scale)^T + g_q (L_q^T scale_p) W^T + g_p L_p^T W^T
+            s = _scale(fq, fp)
+            dx = G @ (W if s is None else W * s).T
+            if fq.L is not None:
+                dx = dx + g_q @ ((fq.L.T if fp.scale is None else fq.L.T * fp.scale) @ W.T)
+            if fp.L is not None:
+                dx = dx + g_p @ (fp.L.T @ W.T)
         if xd is None:
             dx, dxd = dx + dxd, None
     # cotangents of the frozen kernel and bias: dead code unless they are differentiated
-    dW = jnp.dot(x.T, dp)
-    if dyd is not None:
-        dW = dW + jnp.dot(xd.T, dyd)
-    db = None if b is None else jnp.sum(G if method == "dora" else dp, axis=0)
+    dW = jnp.dot(x.T, G) + jnp.dot(xd.T, dyd) if bypass else jnp.dot(x.T, dp)
+    if b is None:
+        db = None
+    elif st.post.conditions_bias:
+        db = jnp.sum(dp, axis=0)
+    else:  # b' = T_pre(b)
+        db = _rows_t(fp, jnp.sum(G, axis=0)[None])[0]
     if act is not None:
         dx = act_vjp(dx)[0]
-    return dx, dW, db, dxd, {k: grads[k].astype(res[k].dtype) for k in _LEAVES if k in res}
+    return dx, dW, db, dxd, {k: grads[k].astype(v.dtype) for k, v in lv.items()}
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
@@ -437,38 +516,22 @@ def _dropout(x: Array, rate: float, key: Array | None) -> Array:
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def _adapted_layer_autodiff(
-    y: Array, b: Array | None, lv: dict[str, Array], config, scaling: float, xd: Array
-) -> Array:
-    """The plain autodiff form (any rotation kind); ``y = x W: (N, d_out)``, ``xd: (N, d_in)``."""
-    u = scaling * ((xd @ lv["A"]) @ lv["B"])
-
-    def rot(z: Array) -> Array:
-        return rotate(z, lv["C"], lv["D"], config.initial_s_p, config.rotation)
-
-    z = y if b is None else y + b
-    if config.has_diag:
-        z = lv["d"] * z
-    if config.method == "pre_ortho":
-        z = rot(z)
-    z = z + u
-    if config.method in ("sora", "post_ortho"):
-        z = rot(z)
-    return z
-
-
 def layer_leaves(kernel: Array, leaves: dict[str, Array], config, scaling: float, dtype) -> dict[str, Array]:
-    """The leaves in the form the layer uses: ``A``, ``Bs = s B`` and, per method, ``k = m / n`` (DoRA, ``n``
-    from the factors, a constant), ``d``, ``C, D`` and ``sp = s_p(C, D)``; in ``dtype``."""
+    """The leaves in the form the layer uses: ``A``, ``Bs = s B`` and the maps' params (``d``; DoRA's
+    ``k = m / n`` with ``n`` from the factors (:func:`dora_norm`), a constant; ``C, D`` and ``sp = s_p(C, D)``);
+    in ``dtype``."""
+    method = methods.get(config)
     lv = {k: v.astype(dtype) for k, v in leaves.items()}
     tail = {"A": lv["A"], "Bs": scaling * lv["B"]}
-    if config.method == "dora":
-        n = jax.lax.stop_gradient(dora_norm(kernel, leaves["A"], leaves["B"], scaling))
-        tail["k"] = (leaves["m"].astype(jnp.float32) / n).astype(dtype)
-    if config.has_diag:
-        tail["d"] = lv["d"]
-    if config.has_rotation:
-        tail.update(C=lv["C"], D=lv["D"], sp=s_p(lv["C"], lv["D"], config.initial_s_p))
+    tail.update(method.pre.params(lv, config, lambda: colnorm(kernel.astype(dtype))))
+    if method.pre.low_rank or method.pre.scaled:
+        def norm() -> Array:  # colnorm(T_pre(W) + s A B), formed
+            Z = method.pre.apply(kernel.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in tail.items()})
+            return colnorm(Z + scaling * leaves["A"].astype(jnp.float32) @ leaves["B"].astype(jnp.float32))
+    else:
+        def norm() -> Array:  # colnorm(W + s A B) from the factors
+            return dora_norm(kernel, leaves["A"], leaves["B"], scaling)
+    tail.update(method.post.params(lv, config, norm))
     return tail
 
 
@@ -500,23 +563,17 @@ def adapted_layer(
     x = x.reshape(-1, x.shape[-1]).astype(dt)
     W = kernel.astype(dt)
     b = None if bias is None else bias.astype(dt)
-    method = config.method
+    method = methods.get(config)
     dropped = dropout_key is not None and config.lora_dropout > 0.0
-    autodiff = config.has_rotation and config.rotation != "taylor"  # exact rotations: plain autodiff
-    if input_act is not None and (dropped or autodiff):  # the activation is applied here, kept by autodiff
+    if input_act is not None and dropped:  # the dropout needs the activation's output: applied here
         x, input_act = activation(input_act)(x), None
-    if autodiff:
-        xd = _dropout(x, config.lora_dropout, dropout_key)
-        lv = {k: v.astype(dt) for k, v in leaves.items()}
-        out = _adapted_layer_autodiff(jnp.dot(x, W), b, lv, config, scaling, xd)
-    else:
-        tail = layer_leaves(kernel, leaves, config, scaling, dt)
-        xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
-        if fused is None:
-            fused = fuse_pays(x.shape[0], *W.shape)
-        # forming W' is exact only in float32 (in bfloat16 a small update would round away)
-        fused = fused and xd is None and dt == jnp.float32
-        out = _layer(method, fused, input_act, x, W, b, xd, tail)
+    tail = layer_leaves(kernel, leaves, config, scaling, dt)
+    xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
+    if fused is None:
+        fused = fuse_pays(x.shape[0], *W.shape)
+    # forming W' is exact only in float32 (in bfloat16 a small update would round away)
+    fused = fused and xd is None and dt == jnp.float32 and fusable(method)
+    out = _layer(method, fused, input_act, x, W, b, xd, tail)
     return out.reshape(*lead, out.shape[-1]).astype(out_dt)
 
 

@@ -79,7 +79,7 @@ def hf_state_dict(model: PretrainedModel, params: Mapping[str, Any]) -> tuple[di
             else:
                 tie = False
     state = {
-        _hf_name(model, convert.hf_key(p)): np.ascontiguousarray(convert.to_hf_layout(p, np.asarray(v)))
+        _hf_name(model, convert.hf_key(p)): np.ascontiguousarray(convert.hf_layout(p, np.asarray(v)))
         for p, v in flat.items()
         if p not in skip
     }
@@ -193,7 +193,7 @@ def export_peft_adapter(
     for top in saved:
         for p, v in convert.iter_paths(_subtree(params, top), tuple(top.split("/"))):
             tensors[f"base_model.model.{_hf_name(model, convert.hf_key(p))}"] = np.ascontiguousarray(
-                convert.to_hf_layout(p, np.asarray(v))
+                convert.hf_layout(p, np.asarray(v))
             )
 
     peft_config = {

@@ -30,7 +30,8 @@ import numpy as np
 from sora_jax import convert
 from sora_jax.convert import CheckpointMismatchError
 from sora_jax.models import get_family
-from sora_jax.models.common import ModelFamily, default_dense
+from sora_jax.models.common import ModelFamily
+from sora_jax.ops import default_dense
 
 __all__ = [
     "CheckpointMismatchError",

@@ -1,43 +1,62 @@
-"""One adapted layer: initial adapter leaves and the effective weight (SPEC section 2's table).
+"""The methods, each a pair ``(T_pre, T_post)`` of conditioning maps (:mod:`sora_jax.conditioning`), and the
+weight path of one adapted layer (SPEC section 2's table):
+
+| method     | ``T_pre``  | ``T_post``           | ``W'``                          | ``b'``         |
+|------------|------------|----------------------|---------------------------------|----------------|
+| lora       | id         | id                   | ``W + s A B``                   | ``b``          |
+| dora       | id         | normalised diagonal  | ``(W + s A B) diag(m / n)``     | ``b``          |
+| prediag    | diagonal   | id                   | ``W diag(d) + s A B``           | ``d * b``      |
+| pre_ortho  | rotation   | id                   | ``W R + s A B``                 | ``b R``        |
+| post_ortho | id         | rotation             | ``(W + s A B) R``               | ``b R``        |
+| sora       | diagonal   | rotation             | ``(W diag(d) + s A B) R``       | ``(d * b) R``  |
+| post_diag  | id         | diagonal             | ``(W + s A B) diag(v)``         | ``v * b``      |
+
+with ``n = stop_gradient(colnorm(W + s A B))`` and ``R`` from :mod:`sora_jax.rotation`;
+every method is one entry of :data:`TABLE`.
 
 All functions act on one 2-D kernel ``W: (d_in, d_out)`` and its bias ``b: (d_out,)``; stacked kernels
-are handled by the caller with ``jax.vmap``. Leaves: ``A (d_in, r)``, ``B (r, d_out)``,
-``m (d_out,)``, ``d (d_out,)``, ``C, D (d_out, r_p)``.
-
-| method     | ``W'``                          | ``b'``         |
-|------------|---------------------------------|----------------|
-| lora       | ``W + s A B``                   | ``b``          |
-| dora       | ``(W + s A B) diag(m / n)``     | ``b``          |
-| prediag    | ``W diag(d) + s A B``           | ``d * b``      |
-| pre_ortho  | ``W R + s A B``                 | ``b R``        |
-| post_ortho | ``(W + s A B) R``               | ``b R``        |
-| sora       | ``(W diag(d) + s A B) R``       | ``(d * b) R``  |
-
-with ``n = stop_gradient(colnorm(W + s A B))`` and ``R`` from :mod:`sora_jax.rotation`.
+are handled by the caller with ``jax.vmap``. Leaves: ``A (d_in, r)``, ``B (r, d_out)`` and the maps'
+(``m (d_out,)``, ``d (d_out,)``, ``C, D (d_out, r_p)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
+from sora_jax import post_diag
+from sora_jax.conditioning import IDENTITY, NORMALISED_DIAGONAL, Method, colnorm, diagonal, rotation
 from sora_jax.config import AdapterConfig
-from sora_jax.rotation import rotate
 
 Array = jax.Array
 
+__all__ = ["METHODS", "TABLE", "colnorm", "effective", "get", "init_leaves"]
 
-def colnorm(M: Array) -> Array:
-    """``colnorm(M)_j = ||M[:, j]||_2``: one value per output feature. ``M: (d_in, d_out)``."""
-    return jnp.sqrt(jnp.sum(jnp.square(M), axis=0))
+TABLE: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("lora", IDENTITY, IDENTITY),
+        Method("dora", IDENTITY, NORMALISED_DIAGONAL),
+        Method("prediag", diagonal("d"), IDENTITY),
+        Method("sora", diagonal("d"), rotation()),
+        Method("pre_ortho", rotation(), IDENTITY),
+        Method("post_ortho", IDENTITY, rotation()),
+        post_diag.METHOD,
+    )
+}
+METHODS: tuple[str, ...] = tuple(TABLE)
+
+
+def get(config: AdapterConfig) -> Method:
+    """The :class:`~sora_jax.conditioning.Method` of ``config``, with its options (the rotation's kind)."""
+    return TABLE[config.method].bind(config)
 
 
 def init_leaves(key: Array, W: Array, config: AdapterConfig, r: int, dtype=jnp.float32) -> dict[str, Array]:
     """Initial leaves for one kernel ``W: (d_in, d_out)`` (SPEC "LoRA factors", "DoRA", "Pre-Diag",
-    "The rotation"): ``A ~ U(+-1/sqrt(d_in))``, ``B = 0``, ``m = colnorm(W)``, ``d = 1``,
-    ``C ~ U(+-1/sqrt(d_out))``, ``D = C``. The adapted layer equals the frozen one."""
+    "The rotation"): ``A ~ U(+-1/sqrt(d_in))``, ``B = 0`` and the maps' (``m = colnorm(W)``, ``d = 1``,
+    ``C ~ U(+-1/sqrt(d_out))``, ``D = C``). The adapted layer equals the frozen one."""
+    method = get(config)
     d_in, d_out = W.shape
     k_a, k_c = jax.random.split(key)
     bound = 1.0 / jnp.sqrt(d_in)
@@ -45,69 +64,25 @@ def init_leaves(key: Array, W: Array, config: AdapterConfig, r: int, dtype=jnp.f
         "A": jax.random.uniform(k_a, (d_in, r), dtype, -bound, bound),
         "B": jnp.zeros((r, d_out), dtype),
     }
-    if config.has_magnitude:
-        leaves["m"] = colnorm(W.astype(jnp.float32)).astype(dtype)
-    if config.has_diag:
-        leaves["d"] = jnp.ones((d_out,), dtype)
-    if config.has_rotation:
-        bound = 1.0 / jnp.sqrt(d_out)
-        C = jax.random.uniform(k_c, (d_out, config.rotation_rank), dtype, -bound, bound)
-        leaves["C"] = C
-        leaves["D"] = C
+    for m in (method.pre, method.post):
+        if m.init is not None:
+            leaves.update(m.init(k_c, W, config, dtype))
     return leaves
-
-
-def condition(
-    method: str,
-    W: Array,
-    b: Array | None,
-    AB: Array,
-    d: Array | None = None,
-    dora_scale: Callable[[Array], Array] | None = None,
-    rot: Callable[[Array], Array] | None = None,
-) -> tuple[Array, Array | None]:
-    """SPEC section 2's table from its pieces: ``W: (d_in, d_out)``, ``b: (d_out,)``, the low-rank update
-    ``AB = s A B: (d_in, d_out)``, the diagonal ``d (d_out,)`` (Pre-Diag, SORA), DoRA's column scale
-    ``dora_scale(W + s A B) -> (d_out,)`` and the rotation ``rot(z) = z R`` on rows (Pre-/Post-Ortho, SORA).
-
-    Returns ``(W', b')``: ``T_post(T_pre(W) + s A B)`` and the bias conditioned the same way."""
-    if d is not None:
-        W = W * d
-        b = None if b is None else b * d
-    if method == "pre_ortho":
-        W = rot(W)
-        b = None if b is None else rot(b)
-    W = W + AB
-    if method == "dora":
-        W = W * dora_scale(W)
-    if method in ("sora", "post_ortho"):
-        W = rot(W)
-        b = None if b is None else rot(b)
-    return W, b
 
 
 def effective(
     W: Array, b: Array | None, leaves: dict[str, Array], config: AdapterConfig, scaling: float
 ) -> tuple[Array, Array | None]:
-    """``(W', b')`` of SPEC section 2's table, computed in ``W``'s dtype. ``W: (d_in, d_out)``."""
+    """``(W', b')``: ``W' = T_post(T_pre(W) + s A B)`` and the bias through the maps that condition it,
+    computed in ``W``'s dtype. ``W: (d_in, d_out)``, ``b: (d_out,)``."""
+    method = get(config)
     dt = W.dtype
     lv = {k: v.astype(dt) for k, v in leaves.items()}
-    return condition(
-        config.method,
-        W,
-        b,
-        scaling * (lv["A"] @ lv["B"]),
-        d=lv.get("d") if config.has_diag else None,
-        dora_scale=lambda V: lv["m"] / jax.lax.stop_gradient(colnorm(V)),
-        rot=lambda z: rotate(z, lv["C"], lv["D"], config.initial_s_p, config.rotation),
-    )
-
-
-def trainable_count(d_in: int, d_out: int, config: AdapterConfig, r: int) -> int:
-    """Trainable parameters of one adapted ``(d_in, d_out)`` layer (SPEC table's last column)."""
-    n = r * (d_in + d_out)
-    if config.has_magnitude or config.has_diag:
-        n += d_out
-    if config.has_rotation:
-        n += 2 * d_out * config.rotation_rank
-    return n
+    pre_p = method.pre.params(lv, config, lambda: colnorm(W))
+    Z = method.pre.apply(W, pre_p) + scaling * (lv["A"] @ lv["B"])
+    bz = None if b is None else method.pre.apply(b, pre_p)
+    post_p = method.post.params(lv, config, lambda: colnorm(Z))
+    W_eff = method.post.apply(Z, post_p)
+    if bz is not None and method.post.conditions_bias:
+        bz = method.post.apply(bz, post_p)
+    return W_eff, bz

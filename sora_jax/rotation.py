@@ -37,11 +37,12 @@ def _j(r_p: int, scale: Array, dtype) -> Array:
     return scale * jnp.block([[zero, eye], [-eye, zero]])
 
 
-def rotation_core(C: Array, D: Array, initial_s_p: float, kind: str = "taylor") -> tuple[Array, Array]:
-    """``(U, Phi)`` with ``R = I + U Phi U^T``. ``C, D: (d_out, r_p)`` -> ``U: (d_out, 2 r_p)``."""
+def core(C: Array, D: Array, sp: Array, kind: str = "taylor") -> tuple[Array, Array]:
+    """``(U, Phi)`` with ``R = I + U Phi U^T`` for the scale ``sp = s_p``. ``C, D: (d_out, r_p)`` ->
+    ``U: (d_out, 2 r_p)``, ``Phi: (2 r_p, 2 r_p)``."""
     r_p = C.shape[-1]
     U = jnp.concatenate([C, D], axis=-1)
-    J = _j(r_p, s_p(C, D, initial_s_p), U.dtype)
+    J = _j(r_p, sp, U.dtype)
     if kind == "taylor":
         return U, J
     G = U.T @ U
@@ -59,16 +60,26 @@ def rotation_core(C: Array, D: Array, initial_s_p: float, kind: str = "taylor") 
     raise ValueError(f"unknown rotation {kind!r}; choose taylor, cayley or exp")
 
 
+def rotation_core(C: Array, D: Array, initial_s_p: float, kind: str = "taylor") -> tuple[Array, Array]:
+    """``(U, Phi)`` with ``R = I + U Phi U^T``. ``C, D: (d_out, r_p)`` -> ``U: (d_out, 2 r_p)``."""
+    return core(C, D, s_p(C, D, initial_s_p), kind)
+
+
+def taylor_term(zC: Array, zD: Array, C: Array, D: Array, sp: Array) -> Array:
+    """``z K = s_p ((z C) D^T - (z D) C^T)`` from ``zC, zD: (..., r_p)``: two rank-``r_p`` products whose
+    difference is exactly 0 when ``C == D`` (init)."""
+    return sp * (zC @ D.T - zD @ C.T)
+
+
 def rotate(z: Array, C: Array, D: Array, initial_s_p: float, kind: str = "taylor") -> Array:
     """``z R`` for ``z: (..., d_out)``: ``z + ((z U) Phi) U^T`` (for ``taylor``:
     ``z + s_p ((z C) D^T - (z D) C^T)``)."""
+    C, D = C.astype(z.dtype), D.astype(z.dtype)
+    sp = s_p(C, D, initial_s_p)
     if kind == "taylor":
-        # The paper's form, two rank-r_p products whose difference is exactly 0 when C == D (init).
-        C, D = C.astype(z.dtype), D.astype(z.dtype)
-        return z + s_p(C, D, initial_s_p) * ((z @ C) @ D.T - (z @ D) @ C.T)
-    U, Phi = rotation_core(C, D, initial_s_p, kind)
-    U = U.astype(z.dtype)
-    return z + ((z @ U) @ Phi.astype(z.dtype)) @ U.T
+        return z + taylor_term(z @ C, z @ D, C, D, sp)
+    U, Phi = core(C, D, sp, kind)
+    return z + ((z @ U) @ Phi) @ U.T
 
 
 def rotation_matrix(C: Array, D: Array, initial_s_p: float, kind: str = "taylor") -> Array:

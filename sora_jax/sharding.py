@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sora_jax import methods
 from sora_jax.adapter import Adapter, find_modules, path_str
 
 DATA, MODEL = "data", "model"
@@ -139,9 +140,15 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-# the axis of each adapter leaf that is d_out (from the end), or d_in for A
-_OUT_AXIS = {"B": -1, "m": -1, "d": -1, "C": -2, "D": -2}
-_IN_AXIS = {"A": -2}
+_IN_AXIS = {"A": -2}  # the leaf with a d_in axis (from the end)
+
+
+def _out_axes(adapter: Adapter) -> dict[str, int]:
+    """The axis of each adapter leaf that is ``d_out``, from the end: ``B``'s last, and for the conditioning
+    maps' leaves their first per-matrix axis (``m, d (d_out,)``, ``C, D (d_out, r_p)``)."""
+    cfg = adapter.config
+    shapes = methods.get(cfg).leaf_shapes(1, 1, 1, cfg)
+    return {name: (-1 if name == "B" else -len(shape)) for name, shape in shapes.items() if name != "A"}
 
 
 def adapter_shardings(adapter: Adapter, params: Any, mesh: Mesh, shard: bool = True) -> Adapter:
@@ -152,7 +159,7 @@ def adapter_shardings(adapter: Adapter, params: Any, mesh: Mesh, shard: bool = T
     layers: dict[str, dict[str, NamedSharding]] = {}
     for path, leaves in adapter.layers.items():
         ax = kernel_axis(tuple(modules[path].kernel.shape), m) if shard and path in modules else None
-        table = _OUT_AXIS if ax == "out" else _IN_AXIS if ax == "in" else {}
+        table = _out_axes(adapter) if ax == "out" else _IN_AXIS if ax == "in" else {}
         layers[path] = {name: NamedSharding(mesh, _spec(np.ndim(v), table.get(name))) for name, v in leaves.items()}
     return Adapter(adapter.config, layers)
 

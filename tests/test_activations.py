@@ -1,4 +1,4 @@
-"""Activations with written-out derivatives (``sora_jax.models.activations``) against float64 NumPy.
+"""Activations with written-out derivatives (``sora_jax.activations``) against float64 NumPy.
 
 Values: the float64 definitions (``scipy.special.erf``); derivatives: float64 central differences of
 those definitions (step 1e-5, error ~1e-10; second differences with step 1e-4, error ~1e-7). The library
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from sora_jax.models.activations import ACTIVATIONS, activation
+from sora_jax.activations import ACTIVATIONS, activation
 
 
 def _sigmoid(x):

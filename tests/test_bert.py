@@ -34,7 +34,7 @@ def test_param_names_are_the_hf_state_dict(kind):
         module = build(tm.config, task)
         shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
         ours = {
-            convert.hf_key(p): convert.to_hf_layout(p, np.empty(v.shape, np.int8)).shape
+            convert.hf_key(p): convert.hf_layout(p, np.empty(v.shape, np.int8)).shape
             for p, v in convert.iter_paths(shapes)
         }
         prefix = f"{kind}."

@@ -3,7 +3,7 @@
 Tiny random configs are built offline; every PyTorch parameter is re-drawn (LayerNorm scales away
 from 1, biases away from 0) so that a swapped or missing parameter cannot hide. Our parameters come
 from the PyTorch state dict through ``sora_jax.convert``'s naming table alone (``hf_key`` +
-``from_hf_layout``), and, separately, through ``save_pretrained`` -> ``sora_jax.load_pretrained``.
+``hf_layout``), and, separately, through ``save_pretrained`` -> ``sora_jax.load_pretrained``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _params_from_state_dict(module, state_dict: dict[str, np.ndarray]) -> dict:
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     params: dict = {}
     for path, shape in convert.iter_paths(shapes):
-        value = convert.from_hf_layout(path, state_dict[convert.hf_key(path)])
+        value = convert.hf_layout(path, state_dict[convert.hf_key(path)])
         assert value.shape == shape.shape, (path, value.shape, shape.shape)
         convert.set_path(params, path, jnp.asarray(value))
     return params

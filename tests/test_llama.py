@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from sora_jax.convert import from_hf_layout, hf_key, iter_paths, set_path
+from sora_jax.convert import hf_key, hf_layout, iter_paths, set_path
 from sora_jax.models import llama
 
 # float32: both sides run the same float32 arithmetic in a different order; over 2 layers the
@@ -82,7 +82,7 @@ def convert(module, state_dict: dict[str, torch.Tensor], input_ids) -> dict:
     shapes = jax.eval_shape(module.init, jax.random.key(0), input_ids)["params"]
     params: dict = {}
     for path, leaf in iter_paths(shapes):
-        value = from_hf_layout(path, state_dict[hf_key(path)].detach().float().numpy())
+        value = hf_layout(path, state_dict[hf_key(path)].detach().float().numpy())
         assert value.shape == leaf.shape, (path, value.shape, leaf.shape)
         set_path(params, path, jnp.asarray(value, leaf.dtype))
     return params

@@ -12,6 +12,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from torch_reference import ConditionedLinear
 
 import sora_jax as sj
 
@@ -86,25 +87,6 @@ def test_peft_lora_dora_outputs_and_gradients(use_dora):
         )
 
 
-class TorchSORA(torch.nn.Module):
-    """SPEC section 2's SORA in activation form: ``y = (d * (x W + b) + s x A B) R``, ``R = I + K``,
-    ``K = s_p (C D^T - D C^T)``, ``s_p = min(1, 1 / (||C|| + ||D|| + 1e-6))`` with gradients through
-    the norms. PyTorch layout: ``weight (d_out, d_in)``, ``lora_A (r, d_in)``, ``lora_B (d_out, r)``."""
-
-    def __init__(self, weight, bias, A, B, d, C, D, scaling, initial_s_p=1.0):
-        super().__init__()
-        self.weight, self.bias = weight, bias
-        self.A, self.B, self.d = (torch.nn.Parameter(t) for t in (A, B, d))
-        self.C, self.D = torch.nn.Parameter(C), torch.nn.Parameter(D)
-        self.scaling, self.initial_s_p = scaling, initial_s_p
-
-    def forward(self, x):
-        y = self.d * torch.nn.functional.linear(x, self.weight, self.bias)
-        y = y + self.scaling * (x @ self.A.T) @ self.B.T
-        s_p = torch.clamp(self.initial_s_p / (self.C.norm() + self.D.norm() + 1e-6), max=1.0)
-        return y + s_p * ((y @ self.C) @ self.D.T - (y @ self.D) @ self.C.T)
-
-
 @pytest.mark.parametrize("big_factors", [False, True])
 def test_sora_against_pytorch_reference(big_factors):
     g = torch.Generator().manual_seed(0)
@@ -114,7 +96,7 @@ def test_sora_against_pytorch_reference(big_factors):
     # big factors: ||C|| + ||D|| > 1, so s_p < 1 and the gradient flows through the norms
     scale = 1.0 if big_factors else 0.05
     C, D = scale * rn(D_OUT, 2), scale * rn(D_OUT, 2)
-    ref = TorchSORA(W, b, A, B, d, C, D, scaling=ALPHA / R)
+    ref = ConditionedLinear(lambda x: torch.nn.functional.linear(x, W, b), A, B, d, C, D, scaling=ALPHA / R)
     x, G = rn(N, D_IN), rn(N, D_OUT)
     y_t = ref(x)
     (y_t * G).sum().backward()

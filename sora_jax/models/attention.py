@@ -16,7 +16,7 @@ them. The backward pass, with ``P~ = P * M / (1 - p)``:
     dV = P~^T dO,   dP = (dO V^T) * M / (1 - p),   dS = P * (dP - rowsum(dP * P)),
     dQ = scale dS K,   dK = scale dS^T Q
 
-and it makes the transposed copies its matmuls need itself (:func:`sora_jax.models.recompute.after`).
+and it makes the transposed copies its matmuls need itself (:func:`sora_jax.recompute.after`).
 On ``minilm`` at batch 32 x 128 that is about 50 MiB less per block for every training step
 (experiments/PERF.md, change 13).
 
@@ -34,7 +34,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from sora_jax.models.recompute import after
+from sora_jax.recompute import after
 
 Array = jax.Array
 

@@ -26,8 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sora_jax.activations import ACTIVATIONS
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.common import ACTIVATIONS, Linear, ModelFamily, at_layer, default_dense, scan_blocks
+from sora_jax.models.common import Linear, ModelFamily, at_layer, scan_blocks
+from sora_jax.ops import default_dense
 
 Array = jax.Array
 

@@ -8,7 +8,7 @@ The models know nothing of adapters. Every dense layer is a :class:`Linear`, whi
     dense_fn(path, x, kernel, bias, input_act="gelu")   # y = act(x) W + b
 
 ``path`` is the module's path in the parameter tree (``("bert", "encoder", "layer_0", "attention",
-"self", "query")``). The default, :func:`default_dense`, computes ``x W + b`` on activations
+"self", "query")``). The default, :func:`sora_jax.ops.default_dense`, computes ``x W + b`` on activations
 flattened to 2-D (XLA's CPU backend runs thin matmuls on 3-D activations much slower). An adapter
 library can pass its own dense function to run adapters on activations without the model importing
 it.
@@ -36,54 +36,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sora_jax.models.activations import ACTIVATIONS, activation  # noqa: F401 (re-exported)
+from sora_jax.activations import ACTIVATIONS, activation  # noqa: F401 (re-exported)
+from sora_jax.ops import default_dense, takes_input_act, takes_keyword  # noqa: F401 (re-exported)
 
 Array = jax.Array
-
-
-class DenseFn(Protocol):
-    """The dense-function contract (module docstring); ``input_act`` may be left out of a signature."""
-
-    def __call__(
-        self, path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None, input_act: str | None = None
-    ) -> Array: ...
-
-
-def default_dense(
-    path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None, input_act: str | None = None
-) -> Array:
-    """``y = act(x) W + b`` with ``x`` flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``; ``act``: the
-    activation named ``input_act`` (:data:`ACTIVATIONS`), or none."""
-    del path
-    if input_act is not None:
-        x = activation(input_act)(x)
-    lead = x.shape[:-1]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
-    if bias is not None:
-        y = y + bias.astype(y.dtype)
-    return y.reshape(*lead, kernel.shape[-1])
-
-
-def takes_keyword(dense_fn: Callable[..., Array], name: str) -> bool:
-    """Whether ``dense_fn`` accepts the keyword ``name`` (``input_act``, ``layer``; module docstring)."""
-    try:
-        params = inspect.signature(dense_fn).parameters
-    except (TypeError, ValueError):  # no signature to read: assume the plain contract
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def takes_input_act(dense_fn: Callable[..., Array]) -> bool:
-    """Whether ``dense_fn`` accepts the ``input_act`` keyword (see the module docstring)."""
-    return takes_keyword(dense_fn, "input_act")
 
 
 def at_layer(dense_fn: Callable[..., Array], index: Array | None) -> Callable[..., Array]:

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.models.common import ACTIVATIONS, Array, Linear, ModelFamily, activation, default_dense
+from sora_jax.activations import ACTIVATIONS, activation
+from sora_jax.models.common import Array, Linear, ModelFamily
+from sora_jax.ops import default_dense
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,8 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sora_jax.activations import ACTIVATIONS
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.common import ACTIVATIONS, ModelFamily, at_layer, default_dense, scan_blocks
+from sora_jax.models.common import ModelFamily, at_layer, scan_blocks
 from sora_jax.models.llama import (
     LayerCache,
     LlamaConfig,
@@ -51,6 +52,7 @@ from sora_jax.models.llama import (
     rope_inv_freq,
     update_cache,
 )
+from sora_jax.ops import default_dense
 
 Array = jax.Array
 
