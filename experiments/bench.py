@@ -14,7 +14,7 @@ One process, one table. For a model, a batch and a sequence length it measures:
   (``sora_jax.merge`` then the plain model);
 - the machine's matmul ceiling (``jnp.dot`` of 2048^3 and 4096x384x1536, and ``torch.mm`` with ``--peft``);
 - with ``--peft``: ``transformers`` + PEFT LoRA and DoRA, a PyTorch Pre-Diag/SORA wrapper around
-  ``nn.Linear`` (SPEC section 2, activation form) and the same frozen-backprop reference in torch,
+  ``nn.Linear`` (docs/spec.md section 2, activation form) and the same frozen-backprop reference in torch,
   on the same weights, batch and thread count.
 
 All variants are compiled first, then measured in rounds that alternate every variant (JAX and torch

@@ -13,7 +13,7 @@ trainable parameters, step-time statistics, per-layer update spectrum, versions,
 ``dev_predictions.npz`` (the last evaluation's logits and labels), the trained adapter
 (``adapter/``) and orbax checkpoints (``checkpoints/``). ``--grid`` runs every method x learning rate
 x seed and writes ``summary.json`` / ``summary.md``: mean +- std over seeds per method and learning
-rate, and the best learning rate per method (SPEC section 5).
+rate, and the best learning rate per method (docs/spec.md section 5).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ from sora_jax.models.common import REMAT_POLICIES  # noqa: E402
 METHODS = ("full", *sora_jax.METHODS)
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
 
-# the paper's six targets per encoder block (SPEC section 5), for the encoders this CLI trains
+# the paper's six targets per encoder block (docs/spec.md section 5), for the encoders this CLI trains
 TARGETS = {t: PAPER_TARGETS[t] for t in ("bert", "roberta", "xlm-roberta", "deberta-v2")}
 
 
 def head_modules(freeze_pooler: bool = False) -> tuple[str, ...]:
     """``modules_to_save``: the classifier and, unless ``freeze_pooler`` (the paper's DeBERTa setting,
-    SPEC section 5), the pooler. A pooler that pre-training never trained (all-MiniLM-L6-v2's: bias 0,
+    docs/spec.md section 5), the pooler. A pooler that pre-training never trained (all-MiniLM-L6-v2's: bias 0,
     weight std 0.009) passes too little signal frozen: STS-B Pearson 0.02 against 0.83 trained."""
     return ("classifier",) if freeze_pooler else ("classifier", "pooler")
 
@@ -736,7 +736,7 @@ def per_layer_spectrum(spec: dict[str, Any], stacked: str | None) -> dict[str, A
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Every method x lr x seed (each run in ``<output-dir>/<method>-lr<lr>-s<seed>``); a summary of each
     run's best-epoch dev score (the task's GLUE score): mean +- std over seeds per method and lr, and the
-    lr with the best mean per method (SPEC section 5)."""
+    lr with the best mean per method (docs/spec.md section 5)."""
     methods = args.methods or [args.method]
     seeds = args.seeds if args.seeds is not None else [0, 1, 2]
     root = Path(args.output_dir) if args.output_dir else Path("runs") / f"grid-{args.task}-{model_tag(args.model)}"

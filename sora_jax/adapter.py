@@ -6,7 +6,7 @@ keys, attribute names, sequence indices; see :func:`path_str`), so Flax linen an
 modules, PyTorch-named state dicts and plain nested dicts all work. Each weight is read as a matrix
 ``W: (*stacked, d_in, d_out)`` (:mod:`sora_jax.layout`: ``DenseGeneral`` kernels over several feature
 axes are one matrix; stacked, scanned layers are adapted slice by slice with ``jax.vmap``); a sibling
-bias leaf (``bias``) is conditioned as SPEC section 2 says. Every result has the params' own structure,
+bias leaf (``bias``) is conditioned as docs/spec.md section 2 says. Every result has the params' own structure,
 shapes and dtypes.
 """
 
@@ -35,7 +35,7 @@ PyTree = Any
 class Adapter:
     """Adapter state: ``config`` (static) and ``layers``, ``{module path: {leaf name: array}}``.
 
-    Leaves per module (SPEC section 2): ``A (d_in, r)``, ``B (r, d_out)`` and, where the method has
+    Leaves per module (docs/spec.md section 2): ``A (d_in, r)``, ``B (r, d_out)`` and, where the method has
     them, ``m (d_out,)``, ``d (d_out,)``, ``C (d_out, r_p)``, ``D (d_out, r_p)`` (with the kernel's
     leading stacked axes in front). A registered pytree: ``jax.tree``, optax and orbax act on it.
     """
@@ -198,7 +198,7 @@ def _vmapped(fn: Callable, n_lead: int) -> Callable:
 
 # -- init ---------------------------------------------------------------------------------------
 def init_adapter(key: Array, params: PyTree, config: AdapterConfig, dtype: Any = jnp.float32) -> Adapter:
-    """Adapter leaves for every module ``config`` targets (SPEC section 2 initialisations).
+    """Adapter leaves for every module ``config`` targets (docs/spec.md section 2 initialisations).
 
     ``params``: any pytree (nested dicts, a Flax NNX ``State``, an Equinox module, a PyTorch-named state
     dict). Each module's key is ``fold_in(key, crc32(path))``, so a module's initial values do not depend
@@ -307,7 +307,7 @@ def _replace(params: PyTree, adapter: Adapter, compute_dtype: Any = None) -> PyT
 
 
 def apply_adapter(params: PyTree, adapter: Adapter) -> PyTree:
-    """The effective parameters: every adapted weight ``W -> W'`` and bias ``b -> b'`` (SPEC section 2).
+    """The effective parameters: every adapted weight ``W -> W'`` and bias ``b -> b'`` (docs/spec.md section 2).
 
     Same tree structure as ``params`` (a dict, an NNX ``State``, an Equinox module); untargeted leaves are
     passed through untouched; differentiable w.r.t. the adapter. Each new leaf keeps the original leaf's
@@ -317,7 +317,7 @@ def apply_adapter(params: PyTree, adapter: Adapter) -> PyTree:
 
 
 def merge(params: PyTree, adapter: Adapter) -> PyTree:
-    """``apply_adapter`` computed in float32 and cast back to each leaf's dtype (SPEC section 3)."""
+    """``apply_adapter`` computed in float32 and cast back to each leaf's dtype (docs/spec.md section 3)."""
     return _replace(params, adapter, compute_dtype=jnp.float32)
 
 

@@ -1,4 +1,4 @@
-"""Conditioning maps and methods: SPEC section 2's framework ``W' = T_post(T_pre(W) + s A B)`` as data.
+"""Conditioning maps and methods: docs/spec.md section 2's framework ``W' = T_post(T_pre(W) + s A B)`` as data.
 
 A conditioning map ``T`` acts on output features, one row at a time (``z -> z T`` for ``z: (..., d_out)``:
 a weight ``W: (d_in, d_out)``, a bias, the layer's activations). Every map here has the form
@@ -74,7 +74,7 @@ class Map:
       expand: ``(t, params) -> t Rt`` for ``t = z L: (..., k)`` in the map's own product order (``None``:
         ``t @ Rt``).
       thin: ``(z, params) -> z L`` in the map's own product order (``None``: ``z @ L``), for :meth:`apply`.
-      conditions_bias: the bias goes through the map (SPEC section 2: all but DoRA's normalised diagonal).
+      conditions_bias: the bias goes through the map (docs/spec.md section 2: all but DoRA's normalised diagonal).
       frozen_input_dropped: with LoRA dropout, the map's frozen input is computed from the dropped input
         and the rest of the frozen output bypasses the map (DoRA, as PEFT computes it).
       check: ``(d_out, config) -> error text or None``, a shape the map cannot have.

@@ -1,4 +1,4 @@
-"""`AdapterConfig`: which method, which layers, which ranks (data only; SPEC section 2).
+"""`AdapterConfig`: which method, which layers, which ranks (data only; docs/spec.md section 2).
 
 Targeting works as in HF PEFT, on pytree paths. A *module* is the parent of a leaf named ``kernel``;
 its path is the ``/``-joined keys (``encoder/layer_0/attention/query``). ``target_modules`` is either
@@ -26,7 +26,7 @@ from typing import Any
 
 ROTATIONS = ("taylor", "cayley", "exp")
 _ENCODER_BLOCK = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
-# The paper's targets (SPEC section 5: every linear layer of every block), by Hugging Face model_type,
+# The paper's targets (docs/spec.md section 5: every linear layer of every block), by Hugging Face model_type,
 # as ``target_modules`` names (PEFT-style suffixes of our models' module paths).
 PAPER_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": _ENCODER_BLOCK,
@@ -89,7 +89,7 @@ class AdapterConfig:
 
     Attributes:
       method: a name in :data:`sora_jax.methods.METHODS` (``lora, dora, prediag, sora, pre_ortho,
-        post_ortho``, ...; SPEC section 2).
+        post_ortho``, ...; docs/spec.md section 2).
       r: LoRA rank (``A: (d_in, r)``, ``B: (r, d_out)``).
       lora_alpha: LoRA scale numerator: ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
       use_rslora: rank-stabilised scaling.
@@ -209,7 +209,7 @@ class AdapterConfig:
         return None
 
     def scaling_for(self, path: str) -> float:
-        """``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (SPEC section 1)."""
+        """``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (docs/spec.md section 1)."""
         r = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
 

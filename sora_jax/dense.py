@@ -1,6 +1,6 @@
 """Activation-side execution: the adapted layer without the weight gradient ``dL/dW'``.
 
-The same layer as :func:`sora_jax.apply_adapter` (SPEC section 2), for ``x: (N, d_in)``,
+The same layer as :func:`sora_jax.apply_adapter` (docs/spec.md section 2), for ``x: (N, d_in)``,
 ``y = x W`` (one frozen matmul) and ``u = s drop(x) A B``:
 
 | method     | output                                   |

@@ -2,7 +2,7 @@
 
 ``export_merged`` writes ``config.json`` (with the task's ``architectures``), ``model.safetensors``
 (metadata ``{"format": "pt"}``, PyTorch names and layouts) and the tokenizer files, with the adapter
-merged into the weights (SPEC section 3). ``export_peft_adapter`` writes ``adapter_config.json`` and
+merged into the weights (docs/spec.md section 3). ``export_peft_adapter`` writes ``adapter_config.json`` and
 ``adapter_model.safetensors`` in PEFT's layout: ``base_model.model.<module>.lora_A.weight (r, d_in)``,
 ``.lora_B.weight (d_out, r)``, DoRA's ``.lora_magnitude_vector (d_out,)`` and the
 ``modules_to_save`` weights as ``base_model.model.<module>.<param>``. Every write is atomic

@@ -1,5 +1,5 @@
 """The methods, each a pair ``(T_pre, T_post)`` of conditioning maps (:mod:`sora_jax.conditioning`), and the
-weight path of one adapted layer (SPEC section 2's table):
+weight path of one adapted layer (docs/spec.md section 2's table):
 
 | method     | ``T_pre``  | ``T_post``           | ``W'``                          | ``b'``         |
 |------------|------------|----------------------|---------------------------------|----------------|
@@ -53,7 +53,7 @@ def get(config: AdapterConfig) -> Method:
 
 
 def init_leaves(key: Array, W: Array, config: AdapterConfig, r: int, dtype=jnp.float32) -> dict[str, Array]:
-    """Initial leaves for one kernel ``W: (d_in, d_out)`` (SPEC "LoRA factors", "DoRA", "Pre-Diag",
+    """Initial leaves for one kernel ``W: (d_in, d_out)`` (docs/spec.md "LoRA factors", "DoRA", "Pre-Diag",
     "The rotation"): ``A ~ U(+-1/sqrt(d_in))``, ``B = 0`` and the maps' (``m = colnorm(W)``, ``d = 1``,
     ``C ~ U(+-1/sqrt(d_out))``, ``D = C``). The adapted layer equals the frozen one."""
     method = get(config)

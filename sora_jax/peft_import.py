@@ -1,7 +1,7 @@
 """Adapters trained elsewhere, read into sora-jax: PEFT LoRA/DoRA directories and the authors' SORA state dicts.
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or
-``adapter_model.bin``, read with ``torch.load(weights_only=True)``). Its keys (PyTorch layout, SPEC
+``adapter_model.bin``, read with ``torch.load(weights_only=True)``). Its keys (PyTorch layout, docs/spec.md
 section 1) become adapter leaves:
 
 | key (after ``base_model.model.<module>.``) | leaf | layout |
@@ -16,7 +16,7 @@ Any other key is a full parameter (``modules_to_save``: a trained head; PEFT's `
 returned in the parameter tree. The config's ``r``/``rank_pattern``, ``lora_alpha``/``alpha_pattern``
 (PEFT's matching: a pattern matches a module name that ends with it after a ``.``), ``use_rslora``,
 ``lora_dropout`` and (SORA) ``initial_s_p`` give each module's scale; the ranks are checked against the
-tensors. A ``lora_C``/``lora_D``/``lora_Diag`` key (the authors' PEFT fork, SPEC section 2: ``y = (d * (x W^T +
+tensors. A ``lora_C``/``lora_D``/``lora_Diag`` key (the authors' PEFT fork, docs/spec.md section 2: ``y = (d * (x W^T +
 b) + s x A^T B^T) R``) makes the method ``sora``, ``r_p`` read off ``lora_C``.
 
 PEFT module names become our module paths through the conversion table (:mod:`sora_jax.convert`) for a

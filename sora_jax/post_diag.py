@@ -1,4 +1,4 @@
-"""Post-Diag: the framework's cell ``T_pre = id``, ``T_post = diag(v)`` (SPEC section 2's form).
+"""Post-Diag: the framework's cell ``T_pre = id``, ``T_post = diag(v)`` (docs/spec.md section 2's form).
 
 ``W' = (W + s A B) diag(v)``, ``b' = v * b`` (the bias goes through the diagonal, as it does in Pre-Diag;
 only DoRA's normalised diagonal leaves it alone). DoRA without the normalisation: ``v: (d_out,)`` is trained

@@ -1,4 +1,4 @@
-"""Low-rank skew-symmetric rotations ``R`` acting on output features (SPEC section 2, "The rotation").
+"""Low-rank skew-symmetric rotations ``R`` acting on output features (docs/spec.md section 2, "The rotation").
 
 The generator is ``K = s_p (C D^T - D C^T)`` with ``C, D: (d_out, r_p)`` and
 ``s_p = min(1, initial_s_p / (||C||_F + ||D||_F + 1e-6))``. Writing ``U = [C, D]: (d_out, 2 r_p)`` and

@@ -1,4 +1,4 @@
-"""The spectrum of the update ``Delta W = W' - W`` per adapted layer (SPEC section 4).
+"""The spectrum of the update ``Delta W = W' - W`` per adapted layer (docs/spec.md section 4).
 
 - singular value entropy ``H = -sum_i p_i ln p_i`` with ``p_i = sigma_i^2 / sum_j sigma_j^2``,
 - effective rank ``exp(H)``,

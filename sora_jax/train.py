@@ -6,10 +6,10 @@ The trainable state is small and separate from the frozen model::
     trainable = {"base": {...}, "head": {...}}          # method="full" (every parameter)
 
 ``head`` is the subtree of the parameters named by ``modules_to_save`` (a task head such as BERT's
-``classifier``; the pooler stays frozen, SPEC section 5). The frozen parameters are passed to the
+``classifier``; the pooler stays frozen, docs/spec.md section 5). The frozen parameters are passed to the
 jitted step as a separate, never-donated argument and never enter the optimizer.
 
-Optimizer (SPEC section 5): AdamW (``b1 = 0.9``, ``b2 = 0.999``, ``eps = 1e-8``, weight decay 0.01)
+Optimizer (docs/spec.md section 5): AdamW (``b1 = 0.9``, ``b2 = 0.999``, ``eps = 1e-8``, weight decay 0.01)
 through ``optax.multi_transform`` with two learning rates, adapter (or base) leaves at ``lr`` and the
 head at ``head_lr``, each on a linear warm-up over ``warmup_ratio`` of the steps followed by a linear
 decay to 0 (as ``transformers.get_linear_schedule_with_warmup``). Biases and LayerNorm scales are not
@@ -75,7 +75,7 @@ def _all_finite(tree: PyTree) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (SPEC section 5 defaults).
+    """Optimisation settings (docs/spec.md section 5 defaults).
 
     Attributes:
       lr: peak learning rate of the adapter leaves (of every base parameter with ``full``).

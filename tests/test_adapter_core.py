@@ -1,4 +1,4 @@
-"""The adapter core against SPEC section 2, checked with an independent float64 NumPy implementation.
+"""The adapter core against docs/spec.md section 2, checked with an independent float64 NumPy implementation.
 
 Tolerances: the library computes in float32; against float64 references with O(1) values we allow
 1e-5 relative + 1e-5 absolute (a few float32 ulps after a handful of matmuls of size <= 16).
@@ -70,7 +70,7 @@ def config(method: str, **kw) -> sj.AdapterConfig:
     return sj.AdapterConfig(method=method, target_modules=TARGETS, **kw)
 
 
-# -- float64 NumPy reference of SPEC section 2 --------------------------------------------------
+# -- float64 NumPy reference of docs/spec.md section 2 --------------------------------------------------
 def np_rotation(C, D, initial_s_p, kind):
     sp = min(1.0, initial_s_p / (np.linalg.norm(C) + np.linalg.norm(D) + 1e-6))
     K = sp * (C @ D.T - D @ C.T)
@@ -127,7 +127,7 @@ def test_identity_at_init(method):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6, err_msg=str(p))
         else:
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(p))
-    # initial values follow SPEC: B = 0, A bounded by 1/sqrt(d_in), D == C, d == v == 1, m = colnorm(W)
+    # initial values follow docs/spec.md: B = 0, A bounded by 1/sqrt(d_in), D == C, d == v == 1, m = colnorm(W)
     lv = adapter.layers["enc/layer_0/attn/query"]
     assert not np.any(np.asarray(lv["B"]))
     assert np.abs(np.asarray(lv["A"])).max() <= 1 / np.sqrt(12) and np.abs(np.asarray(lv["A"])).max() > 0

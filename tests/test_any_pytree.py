@@ -1,6 +1,6 @@
 """Weights outside Flax linen: Equinox modules, PyTorch-layout state dicts, other leaf names.
 
-References are written by hand here, independent of the library: SPEC section 2 in JAX for the Equinox
+References are written by hand here, independent of the library: docs/spec.md section 2 in JAX for the Equinox
 MLP (so its gradients can be compared: ``eqx.filter_grad`` of the library's path against ``jax.grad``
 of the hand-written one) and float64 NumPy (test_adapter_core's ``np_effective``) for state dicts.
 Tolerances: float32 against float32 through the same few small matmuls, 1e-5 relative + 1e-6 absolute
@@ -23,7 +23,7 @@ METHODS = ["lora", "dora", "prediag", "pre_ortho", "post_ortho", "sora"]
 
 
 def _hand_effective(W_oi, b, lv, method, s):
-    """SPEC section 2 for a PyTorch/Equinox weight ``W_oi: (d_out, d_in)``, by hand: returns ``(W'_oi, b')``."""
+    """docs/spec.md section 2 for a PyTorch/Equinox weight ``W_oi: (d_out, d_in)``, by hand: returns ``(W'_oi, b')``."""
     W = W_oi.T  # (d_in, d_out)
     AB = s * lv["A"] @ lv["B"]
     if "C" in lv:

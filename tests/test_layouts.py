@@ -1,7 +1,7 @@
 """Multi-dimensional kernels (``DenseGeneral``/einsum) are one matrix over their feature axes; stacked axes
 are told apart from feature axes by the bias or a declaration, never a guess (sora_jax/layout.py).
 
-The reference is SPEC section 2 applied by hand, in float64 NumPy (``np_effective`` of
+The reference is docs/spec.md section 2 applied by hand, in float64 NumPy (``np_effective`` of
 test_adapter_core), to the kernel reshaped to ``(d_in, d_out)`` and reshaped back; the attention module
 is then run with those parameters. Tolerance: the library computes in float32, the reference in float64,
 with O(1) values through a few matmuls of size <= 32: 1e-5 relative + 1e-5 absolute on weights, 2e-5 on
@@ -29,7 +29,7 @@ ROLES = {"query": "ioo", "key": "ioo", "value": "ioo", "out": "iio"}
 
 
 def _reference(params: dict, adapter: sj.Adapter, stacked: int = 0) -> dict:
-    """SPEC section 2 on the reshaped matrix, float64, for every adapted projection of ``params``
+    """docs/spec.md section 2 on the reshaped matrix, float64, for every adapted projection of ``params``
     (``{name: {"kernel", "bias"?}}``; ``stacked`` leading axes handled by a Python loop)."""
     cfg = adapter.config
     out = {}

@@ -1,7 +1,7 @@
 """``load_peft_adapter``: PEFT LoRA/DoRA directories and the authors' SORA state dicts, against PyTorch.
 
 Every adapter is made on the PyTorch side (PEFT with random, non-zero factors; a SORA layer written
-here from SPEC section 2), saved, read by sora_jax and run through our Flax model; the reference is
+here from docs/spec.md section 2), saved, read by sora_jax and run through our Flax model; the reference is
 the PyTorch model's own output. Tolerance 1e-5 absolute on logits of O(1) (float32 on both sides through
 a 2-layer, hidden-32 encoder; the observed error is ~1e-6).
 """
@@ -155,7 +155,7 @@ def test_any_params_tree_with_a_key_map(tmp_path):
 
 # -- the authors' SORA checkpoints -------------------------------------------------------------------
 class TorchSora(torch.nn.Module):
-    """SPEC section 2's SORA layer in PyTorch, with the authors' parameter names and layouts:
+    """docs/spec.md section 2's SORA layer in PyTorch, with the authors' parameter names and layouts:
     ``y = (d * (x W^T + b) + s (x A^T) B^T) R``, ``z R = z + s_p ((z C) D^T - (z D) C^T)``,
     ``s_p = min(1, initial_s_p / (||C||_F + ||D||_F + 1e-6))``; ``lora_A (r, d_in)``, ``lora_B (d_out, r)``,
     ``lora_C``/``lora_D (d_out, r_p)``, ``lora_Diag (d_out, 1)``."""

@@ -1,4 +1,4 @@
-"""The rotation's properties (SPEC section 2) and the paper's parameter budgets."""
+"""The rotation's properties (docs/spec.md section 2) and the paper's parameter budgets."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_trainable_percentages_reproduce_the_paper():
         assert len(adapter.layers) == 72
         got = sj.trainable_parameters(shapes, adapter)["percent"]
         if (method, r_p) == ("sora", 16):
-            # SPEC's count (+ d_out + 2 d_out r_p per layer) gives 2.8411 %; the paper prints 2.85 %.
+            # docs/spec.md's count (+ d_out + 2 d_out r_p per layer) gives 2.8411 %; the paper prints 2.85 %.
             assert abs(got - paper) < 0.01, (method, r_p, got)
         else:
             assert round(got, 2) == paper, (method, r_p, got)

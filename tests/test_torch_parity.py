@@ -1,4 +1,4 @@
-"""Parity with PyTorch: PEFT's LoRA and DoRA on an ``nn.Linear``, and a PyTorch SORA written from SPEC.
+"""Parity with PyTorch: PEFT's LoRA and DoRA on an ``nn.Linear``, and a PyTorch SORA written from docs/spec.md.
 
 Both sides compute in float32 with different summation orders; outputs are O(1-10) and we allow
 2e-5 relative + 2e-5 absolute on outputs and 1e-4 on gradients (sums over the batch of 16 rows).

@@ -166,7 +166,7 @@ def test_split_and_combine_roundtrip():
     _, params = tiny_model()
     frozen, head = split_trainable(params, ["classifier"])
     assert set(head) == {"classifier"} and "classifier" not in frozen
-    assert "pooler" in frozen["bert"]  # the pooler stays frozen (SPEC section 5)
+    assert "pooler" in frozen["bert"]  # the pooler stays frozen (docs/spec.md section 5)
     back = combine(frozen, head)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     with pytest.raises(ValueError, match="present in two trees"):
@@ -202,7 +202,7 @@ def test_gradient_accumulation_equals_whole_batch():
 def test_activation_and_weight_paths_train_alike(fused):
     """SORA trained through adapted_dense (activations; both forms of the layer, whatever the tiny shape
     would choose) and through apply_adapter (weights): the same losses and parameters (to 1e-5: the two
-    paths agree to float32 rounding, SPEC section 2)."""
+    paths agree to float32 rounding, docs/spec.md section 2)."""
     apply, params = tiny_model()
     batches = make_batches(1) * 3  # one batch thrice: its loss must fall
     kw = dict(num_labels=2, total_steps=3, adapter_config=adapter_config("sora"))

@@ -1,7 +1,7 @@
 """A PyTorch Pre-Diag / SORA layer written from the method spec: the reference the parity tests and the
 benchmark's PyTorch peer run.
 
-Activation form (SPEC section 2): ``y = d * base(x) + s (x A^T) B^T`` (Pre-Diag), then for SORA
+Activation form (docs/spec.md section 2): ``y = d * base(x) + s (x A^T) B^T`` (Pre-Diag), then for SORA
 ``y R = y + s_p ((y C) D^T - (y D) C^T)`` with ``s_p = min(1, initial_s_p / (||C||_F + ||D||_F + 1e-6))``
 (gradients through the norms). PyTorch layout: ``A (r, d_in)``, ``B (d_out, r)``, ``d (d_out,)``,
 ``C, D (d_out, r_p)``; ``base`` maps ``(..., d_in) -> (..., d_out)`` (an ``nn.Linear``: ``x W^T + b``).
@@ -48,7 +48,7 @@ class ConditionedLinear(torch.nn.Module):
 def conditioned_linear(
     base: torch.nn.Linear, method: str, r: int, alpha: float, r_p: int, initial_s_p: float = 1.0
 ) -> ConditionedLinear:
-    """``base`` wrapped with ``method`` (``"prediag"`` or ``"sora"``), initialised as SPEC section 2 says:
+    """``base`` wrapped with ``method`` (``"prediag"`` or ``"sora"``), initialised as docs/spec.md section 2 says:
     ``A ~ U(+-1/sqrt(d_in))``, ``B = 0``, ``d = 1``, ``C ~ U(+-1/sqrt(d_out))``, ``D = C``."""
     if method not in ("prediag", "sora"):
         raise ValueError(f"the PyTorch reference implements prediag and sora, not {method!r}")
