@@ -638,6 +638,24 @@ def load_setup(args: argparse.Namespace, workdir: Path) -> Setup:
 
 
 # -- report ----------------------------------------------------------------------------------------------
+def run_record(args: argparse.Namespace, argv: list[str] | None, threads: int) -> dict[str, Any]:
+    """What every benchmark JSON records about its run: the command, the date, versions, the device, the
+    threads of XLA and (with ``--peft``) torch, and what the memory figures are."""
+    torch_threads = None
+    if args.peft:
+        import torch
+
+        torch_threads = {"num_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["bench.py", *argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": versions(), "device": device_info(), "gpu": device_info()["gpu"],
+        "threads": {"cpu_count": threads, "jax_xla_flags": os.environ.get("XLA_FLAGS", ""), "torch": torch_threads},
+        "memory_note": "XLA compiled memory analysis of each JAX step (argument + output - alias + temp bytes); "
+                       "no torch memory figure on CPU",
+    }
+
+
 def ratio(a: dict | None, b: dict | None) -> float | None:
     if not a or not b or "median_s" not in a or "median_s" not in b:
         return None
@@ -682,7 +700,7 @@ def summarise(results: dict[str, dict], flops: dict[str, float], ceiling: dict[s
 
 
 def acceptance(results: dict[str, dict], ratios: dict[str, dict]) -> list[dict[str, Any]]:
-    """The issue's acceptance targets, checked on these medians (activation path)."""
+    """The performance targets (experiments/PERF.md), checked on these medians (activation path)."""
     def r(name: str, key: str) -> float | None:
         return ratios.get(name, {}).get(key)
 
@@ -855,22 +873,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checks = acceptance(results, ratios)
     lines: list[str] = []
     print_table(results, ratios, flops, checks, lambda s: (print(s), lines.append(s)))
-    torch_threads = None
-    if args.peft:
-        import torch
-
-        torch_threads = {"num_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["bench.py", *argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **run_record(args, argv, threads),
         "model": setup.name, "model_type": setup.model_type, "batch": args.batch, "seq": args.seq,
         "r": args.r, "lora_alpha": args.alpha, "rotation_rank": args.r_p, "targets": list(setup.targets),
         "methods": methods, "paths": paths, "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
-        "versions": versions(), "device": device_info(), "gpu": device_info()["gpu"],
-        "threads": {"cpu_count": threads, "jax_xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "torch": torch_threads},
-        "memory_note": "XLA compiled memory analysis of each JAX step (argument + output - alias + temp bytes); "
-                       "no torch memory figure on CPU",
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "matmul_ceiling_gflops": ceiling,
         "flops": flops, "results": results, "ratios": ratios, "acceptance": checks,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import resource
@@ -450,14 +449,8 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     checks = acceptance(results, ratios, generation, ce, methods)
     lines: list[str] = []
     print_report(results, ratios, flops, generation, ce, checks, agree, lambda s: (print(s), lines.append(s)))
-    torch_threads = None
-    if args.peft:
-        import torch
-
-        torch_threads = {"num_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["bench.py", *argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **bench.run_record(args, argv, threads),
         "kind": "decoder",
         "model": setup.name, "model_type": setup.model_type,
         "model_shape": {"layers": int(c.num_hidden_layers), "hidden": int(c.hidden_size),
@@ -469,10 +462,6 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "generation_shape": None if gen is None else {"batch": int(gen.ids.shape[0]), "prompt": int(gen.ids.shape[1]),
                                                       "new_tokens": gen.new_tokens},
         "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
-        "versions": bench.versions(), "device": bench.device_info(), "gpu": bench.device_info()["gpu"],
-        "threads": {"cpu_count": threads, "jax_xla_flags": os.environ.get("XLA_FLAGS", ""), "torch": torch_threads},
-        "memory_note": "XLA compiled memory analysis of each JAX step (argument + output - alias + temp bytes); "
-                       "no torch memory figure on CPU",
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "matmul_ceiling_gflops": ceiling, "flops": flops, "results": results, "ratios": ratios,
         "generation": generation, "agreement": agreement, "cross_entropy_memory": ce, "acceptance": checks,
