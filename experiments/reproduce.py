@@ -335,13 +335,13 @@ def report(n_boot: int = 1000) -> str:
     lines.append("|---|---|" + "---|" * (len(TASKS) + 2))
     for m in METHODS:
         runs = by.get(m, {})
-        pct = next((r["parameters"]["percent"] for rs in runs.values() for r in rs), float("nan"))
+        pct = next((f'{r["parameters"]["percent"]:.2f}' for rs in runs.values() for r in rs), "–")
         cells = [fmt([final_score(r) for r in runs.get(t, [])]) for t in TASKS]
         complete = all(len(runs.get(t, [])) > 0 for t in TASKS)
         avg = np.mean([np.mean([final_score(r) for r in runs[t]]) for t in TASKS]) if complete else None
         paper = PAPER_AVG.get(m)
         lines.append(
-            f"| {NAMES[m]} | {pct:.2f} | " + " | ".join(cells)
+            f"| {NAMES[m]} | {pct} | " + " | ".join(cells)
             + f" | {'–' if avg is None else f'{avg:.2f}'} | {'–' if paper is None else paper} |"
         )
     lines.append("")
