@@ -126,9 +126,9 @@ class Run:
 
 
 # -- kept results ------------------------------------------------------------------------------------
-def load_result(run_id: str) -> dict[str, Any] | None:
+def load_result(run_id: str, results: Path = RESULTS) -> dict[str, Any] | None:
     """The kept ``results.json`` of a finished run, else ``None``."""
-    path = RESULTS / run_id / "results.json"
+    path = results / run_id / "results.json"
     if not path.exists():
         return None
     try:
@@ -184,42 +184,57 @@ def plan() -> list[Run]:
     return [r for r in runs if not (r.id in seen or seen.add(r.id))]
 
 
-def keep(run: Run, scratch: Path) -> None:
-    """Copy a finished run's small outputs into the kept results, atomically (a folder renamed into place)."""
-    dest = RESULTS / run.id
-    tmp = RESULTS / f".{run.id}.tmp"
+def keep(run_id: str, scratch: Path, results: Path = RESULTS, files: Sequence[str] = KEPT_FILES) -> None:
+    """Copy a finished run's small outputs (files or folders) into ``results/<run_id>``, atomically (a
+    folder renamed into place)."""
+    dest = results / run_id
+    tmp = results / f".{run_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in KEPT_FILES:
-        if (scratch / name).exists():
-            shutil.copy2(scratch / name, tmp / name)
+    for name in files:
+        src = scratch / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name)
+        elif src.exists():
+            shutil.copy2(src, tmp / name)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
 
 
-def train(runs: Iterable[Run], max_runs: int | None, keep_scratch: bool) -> int:
-    """Train the unfinished runs in order (each in its own ``glue.py`` process); returns how many ran."""
+def train(
+    runs: Iterable[Run],
+    max_runs: int | None,
+    keep_scratch: bool,
+    *,
+    script: str = "glue.py",
+    results: Path = RESULTS,
+    scratch_root: Path = SCRATCH,
+    files: Sequence[str] = KEPT_FILES,
+    tag: str = "reproduce",
+) -> int:
+    """Train the unfinished runs in order, each in its own ``experiments/<script>`` process (a run is
+    anything with ``id``, ``part`` and ``argv(output_dir)``); returns how many ran."""
     done = 0
     for run in runs:
-        if load_result(run.id) is not None:
+        if load_result(run.id, results) is not None:
             continue
         if max_runs is not None and done >= max_runs:
             break
-        scratch = SCRATCH / run.id
-        argv = [sys.executable, str(ROOT / "experiments" / "glue.py"), *run.argv(scratch)]
+        scratch = scratch_root / run.id
+        argv = [sys.executable, str(ROOT / "experiments" / script), *run.argv(scratch)]
         if (scratch / "checkpoints").exists() and any((scratch / "checkpoints").iterdir()):
             argv.append("--resume")
         else:
             argv.append("--overwrite")
-        print(f"[reproduce] {run.part} {run.id}: {' '.join(argv[1:])}", flush=True)
+        print(f"[{tag}] {run.part} {run.id}: {' '.join(argv[1:])}", flush=True)
         t0 = time.time()
         proc = subprocess.run(argv, cwd=ROOT)
         if proc.returncode != 0:
-            raise SystemExit(f"[reproduce] {run.id} failed (exit {proc.returncode}); its run directory is {scratch}")
-        keep(run, scratch)
+            raise SystemExit(f"[{tag}] {run.id} failed (exit {proc.returncode}); its run directory is {scratch}")
+        keep(run.id, scratch, results, files)
         if not keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-        print(f"[reproduce] {run.id} done in {time.time() - t0:.0f} s", flush=True)
+        print(f"[{tag}] {run.id} done in {time.time() - t0:.0f} s", flush=True)
         done += 1
     return done
 

@@ -1,0 +1,217 @@
+"""The paper's decoder experiments at the scale of a CPU: commonsense reasoning on ``smollm2`` and math
+on ``gemma3-270m``, as one resumable list of ``reasoning.py`` runs and a report regenerated from the
+kept results alone.
+
+    python experiments/reasoning_study.py plan               # every run, and which are done
+    python experiments/reasoning_study.py run --max-runs 2   # the next 2 unfinished runs (resumable)
+    python experiments/reasoning_study.py report             # the tables; no training
+
+The study (LLM-Adapters' protocol as ``reasoning.py`` implements it; r 16, alpha 32, r_p 1, lr 2e-4,
+batch 16, one epoch, seed 0, scanned layers, the paper's decoder targets q/k/v/up/down):
+
+- ``commonsense``: SmolLM2-135M-Instruct (4-bit GGUF, dequantised) zero-shot, then LoRA, DoRA, Pre-Diag
+  and SORA fine-tuned on 1,280 examples drawn (seeded) from the commonsense training mix here (BoolQ,
+  ARC-e, ARC-c, OBQA train); evaluated by greedy generation on the first 100 examples of each of the
+  seven test sets.
+- ``math``: Gemma 3 270M (4-bit GGUF, dequantised) zero-shot, then LoRA and SORA (then DoRA and
+  Pre-Diag) fine-tuned on 640 problems drawn from GSM8K train; evaluated on the first 40 problems of
+  each of the six test sets (at most 256 new tokens).
+
+Each run trains in ``runs/reasoning-study/<id>`` (a killed run resumes from its checkpoint) and, once
+finished, its ``results.json`` and ``predictions/`` (every generated response) are copied to
+``experiments/reasoning_study/results/<id>/``. A kept finished run is never trained again; the report
+reads only that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import reproduce  # the grid machinery (keep, train, load_result) shared with the GLUE reproduction
+
+ROOT = reproduce.ROOT
+HERE = ROOT / "experiments" / "reasoning_study"
+RESULTS = HERE / "results"
+SCRATCH = ROOT / "runs" / "reasoning-study"
+KEPT_FILES = ("results.json", "predictions")
+DATA = ROOT.parent / "shared" / "data" / "llm-adapters"
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    model: str
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    train_samples: int
+    eval_samples: int
+    max_length: int
+
+
+SUITES = {
+    "commonsense": Suite(
+        "smollm2",
+        ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"),
+        ("zero_shot", "lora", "dora", "prediag", "sora"),
+        1280,
+        100,
+        256,
+    ),
+    "math": Suite(
+        "gemma3-270m",
+        ("gsm8k", "SVAMP", "AddSub", "MultiArith", "SingleEq", "AQuA"),
+        ("zero_shot", "lora", "sora", "dora", "prediag"),
+        640,
+        40,
+        384,
+    ),
+}
+LR = 2e-4
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One ``reasoning.py`` run of the study."""
+
+    suite: str
+    method: str
+
+    @property
+    def part(self) -> str:
+        return self.suite
+
+    @property
+    def id(self) -> str:
+        return f"{self.suite}-{self.method}-{SUITES[self.suite].model}-s{SEED}"
+
+    def argv(self, output_dir: Path) -> list[str]:
+        s = SUITES[self.suite]
+        method = ["--zero-shot"] if self.method == "zero_shot" else ["--method", self.method]
+        return [
+            "--suite", self.suite,
+            *method,
+            "--model", s.model,
+            "--lr", f"{LR:g}",
+            "--seed", str(SEED),
+            "--max-train-samples", str(s.train_samples),
+            "--max-eval-samples", str(s.eval_samples),
+            "--max-length", str(s.max_length),
+            "--scan-layers",
+            "--output-dir", str(output_dir),
+            "--no-progress",
+        ]  # fmt: skip
+
+
+def plan() -> list[Run]:
+    """Every run in training order: commonsense first, then math (LoRA and SORA before DoRA, Pre-Diag)."""
+    return [Run(suite, m) for suite, s in SUITES.items() for m in s.methods]
+
+
+def load_result(run: Run) -> dict[str, Any] | None:
+    return reproduce.load_result(run.id, RESULTS)
+
+
+# -- the report ----------------------------------------------------------------------------------------
+NAMES = {"zero_shot": "zero-shot (base)", **reproduce.NAMES}
+CHOICES = {  # answer vocabulary per commonsense task (LLM-Adapters' extraction), for the chance level
+    "boolq": 2, "piqa": 2, "social_i_qa": 3, "winogrande": 2, "ARC-Easy": 5, "ARC-Challenge": 5, "openbookqa": 4,
+}  # fmt: skip
+
+
+def trivial(suite: str) -> dict[str, tuple[float, float]]:
+    """Per task on the evaluated subset: (uniform chance, the majority answer's share), in %. Math has no
+    answer vocabulary except AQuA's five letters; its other tasks' trivial score is the most frequent answer."""
+    s = SUITES[suite]
+    out = {}
+    for task in s.tasks:
+        path = DATA / suite / task / "test.json"
+        if not path.exists():
+            continue
+        answers = [str(r["answer"]).strip() for r in json.loads(path.read_text())[: s.eval_samples]]
+        majority = 100.0 * Counter(answers).most_common(1)[0][1] / len(answers)
+        k = CHOICES.get(task, 5 if task == "AQuA" else 0)
+        out[task] = (100.0 / k if k else 0.0, majority)
+    return out
+
+
+def suite_table(suite: str) -> list[str]:
+    s = SUITES[suite]
+    head = ["method", "trainable %", *s.tasks, "avg", "train min", "eval min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    triv = trivial(suite)
+    if triv:
+        for label, idx in (("uniform chance", 0), ("majority answer", 1)):
+            vals = [triv[t][idx] for t in s.tasks if t in triv]
+            cells = [f"{triv[t][idx]:.1f}" if t in triv else "–" for t in s.tasks]
+            lines.append(f"| *{label}* | – | " + " | ".join(cells) + f" | {sum(vals) / len(vals):.1f} | – | – |")
+    for m in s.methods:
+        res = load_result(Run(suite, m))
+        if res is None:
+            lines.append(f"| {NAMES[m]} | " + " | ".join(["–"] * (len(head) - 1)) + " |")
+            continue
+        acc = res["accuracy"]
+        cells = [f"{100 * acc[t]:.1f}" if t in acc else "–" for t in s.tasks]
+        pct = res.get("parameters", {}).get("percent")
+        timing = res.get("timing", {})
+        lines.append(
+            f"| {NAMES[m]} | {'–' if m == 'zero_shot' or pct is None else f'{pct:.2f}'} | "
+            + " | ".join(cells)
+            + f" | {100 * res['average']:.1f} | {timing.get('train_wall_s', 0) / 60:.1f}"
+            f" | {timing.get('eval_s', 0) / 60:.1f} |"
+        )
+    return lines
+
+
+def report() -> str:
+    parts = []
+    for suite, s in SUITES.items():
+        parts += [
+            f"### {suite}: `{s.model}`, {s.train_samples} training examples, first {s.eval_samples} of each test set",
+            "",
+            *suite_table(suite),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train the next unfinished runs of the study")
+    r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (default: all)")
+    r.add_argument("--keep-scratch", action="store_true", help="keep runs/reasoning-study/<id> after a run is kept")
+    r.add_argument("--suite", choices=sorted(SUITES), default=None, help="only this suite's runs")
+    sub.add_parser("plan", help="list every planned run and whether it is finished")
+    sub.add_parser("report", help="print the tables and write reasoning_study/README.md from the kept results")
+    args = p.parse_args(argv)
+    if args.cmd == "plan":
+        for run in plan():
+            print(f"{'done' if load_result(run) else 'todo'}  {run.id}")
+        return 0
+    if args.cmd == "run":
+        runs = [r for r in plan() if args.suite in (None, r.suite)]
+        reproduce.train(
+            runs,
+            args.max_runs,
+            args.keep_scratch,
+            script="reasoning.py",
+            results=RESULTS,
+            scratch_root=SCRATCH,
+            files=KEPT_FILES,
+            tag="study",
+        )
+        return 0
+    text = report()
+    reproduce._write(HERE / "README.md", text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
