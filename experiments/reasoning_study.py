@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +59,7 @@ SUITES = {
     "commonsense": Suite(
         "smollm2",
         ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"),
-        ("zero_shot", "lora", "dora", "prediag", "sora"),
+        ("zero_shot", "zero_shot_rank", "lora", "dora", "prediag", "sora"),
         1280,
         100,
         256,
@@ -90,8 +92,14 @@ class Run:
     def id(self) -> str:
         return f"{self.suite}-{self.method}-{SUITES[self.suite].model}-s{SEED}"
 
+    @property
+    def script(self) -> str:
+        return "reasoning_study.py" if self.method == "zero_shot_rank" else "reasoning.py"
+
     def argv(self, output_dir: Path) -> list[str]:
         s = SUITES[self.suite]
+        if self.method == "zero_shot_rank":
+            return ["rank", "--suite", self.suite, "--output-dir", str(output_dir)]
         method = ["--zero-shot"] if self.method == "zero_shot" else ["--method", self.method]
         return [
             "--suite", self.suite,
@@ -118,26 +126,76 @@ def load_result(run: Run) -> dict[str, Any] | None:
 
 
 # -- the report ----------------------------------------------------------------------------------------
-NAMES = {"zero_shot": "zero-shot (base)", **reproduce.NAMES}
-CHOICES = {  # answer vocabulary per commonsense task (LLM-Adapters' extraction), for the chance level
-    "boolq": 2, "piqa": 2, "social_i_qa": 3, "winogrande": 2, "ARC-Easy": 5, "ARC-Challenge": 5, "openbookqa": 4,
-}  # fmt: skip
+NAMES = {"zero_shot": "zero-shot (base)", "zero_shot_rank": "zero-shot (base), ranked choices", **reproduce.NAMES}
+
+
+def choices(example: dict[str, Any]) -> list[str]:
+    """The answer vocabulary an example offers (its instruction's ``Answer format: a/b/c`` line), else []."""
+    found = re.search(r"Answer format: (\S+)", example["instruction"])
+    return found.group(1).split("/") if found else []
+
+
+def test_rows(suite: str, task: str) -> list[dict[str, Any]]:
+    """The evaluated subset: the first ``eval_samples`` examples of the task's test set."""
+    return json.loads((DATA / suite / task / "test.json").read_text())[: SUITES[suite].eval_samples]
 
 
 def trivial(suite: str) -> dict[str, tuple[float | None, float]]:
-    """Per task on the evaluated subset: (uniform chance, the majority answer's share), in %. Math has no
-    answer vocabulary except AQuA's five letters; its other tasks' trivial score is the most frequent answer."""
-    s = SUITES[suite]
+    """Per task on the evaluated subset, in %: uniform chance over each example's offered answers (None
+    where the answer is free, as math's numbers), and the share of the most frequent gold answer (a model
+    that always gives it scores that)."""
     out = {}
-    for task in s.tasks:
-        path = DATA / suite / task / "test.json"
-        if not path.exists():
+    for task in SUITES[suite].tasks:
+        if not (DATA / suite / task / "test.json").exists():
             continue
-        answers = [str(r["answer"]).strip() for r in json.loads(path.read_text())[: s.eval_samples]]
+        rows = test_rows(suite, task)
+        answers = [str(r["answer"]).strip() for r in rows]
         majority = 100.0 * Counter(answers).most_common(1)[0][1] / len(answers)
-        k = CHOICES.get(task, 5 if task == "AQuA" else 0)
-        out[task] = (100.0 / k if k else None, majority)
+        ks = [len(choices(r)) or (5 if task == "AQuA" else 0) for r in rows]
+        out[task] = (100.0 * sum(1.0 / k for k in ks) / len(ks) if all(ks) else None, majority)
     return out
+
+
+def rank(suite: str, output_dir: Path) -> None:
+    """The base model's zero-shot score without the answer format to learn: for each example, the offered
+    answer whose response ``"the correct answer is <answer>"`` has the highest log-likelihood under the
+    model (``lm_eval``'s multiple-choice scoring, through :class:`sora_jax.harness.SoraJaxLM`)."""
+    import types
+
+    from sora_jax import lm
+    from sora_jax.harness import SoraJaxLM
+
+    s = SUITES[suite]
+    t0 = time.time()
+    model = SoraJaxLM(s.model, batch_size=16, max_length=512)
+    accuracy, scores, predictions = {}, {}, {}
+    for task in s.tasks:
+        rows = test_rows(suite, task)
+        reqs = [(lm.prompt(r), f"the correct answer is {c}") for r in rows for c in choices(r)]
+        ll = iter(model.loglikelihood([types.SimpleNamespace(args=q) for q in reqs], disable_tqdm=True))
+        picked = []
+        for r in rows:
+            opts = choices(r)
+            lls = [next(ll)[0] for _ in opts]
+            picked.append(opts[max(range(len(opts)), key=lls.__getitem__)])
+        correct = sum(p == str(r["answer"]).strip() for p, r in zip(picked, rows, strict=True))
+        accuracy[task] = correct / len(rows)
+        scores[task] = {"accuracy": accuracy[task], "n": len(rows), "correct": correct}
+        predictions[task] = [{"answer": r["answer"], "picked": p} for r, p in zip(rows, picked, strict=True)]
+        print(f"{task}: accuracy {accuracy[task]:.4f} ({correct}/{len(rows)})", flush=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for task, preds in predictions.items():
+        reproduce._write(output_dir / "predictions" / f"{task}.json", json.dumps(preds, indent=1))
+    res = {
+        "config": {"suite": suite, "model": s.model, "scoring": "log-likelihood of each offered answer",
+                   "max_eval_samples": s.eval_samples},
+        "finished": True,
+        "accuracy": accuracy,
+        "average": sum(accuracy.values()) / len(accuracy),
+        "scores": scores,
+        "timing": {"train_wall_s": 0.0, "eval_s": time.time() - t0},
+    }  # fmt: skip
+    reproduce._write(output_dir / "results.json", json.dumps(res, indent=1))
 
 
 def suite_table(suite: str) -> list[str]:
@@ -224,11 +282,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--keep-scratch", action="store_true", help="keep runs/reasoning-study/<id> after a run is kept")
     r.add_argument("--suite", choices=sorted(SUITES), default=None, help="only this suite's runs")
     sub.add_parser("plan", help="list every planned run and whether it is finished")
+    rk = sub.add_parser("rank", help="one zero-shot run scoring the offered answers by log-likelihood")
+    rk.add_argument("--suite", choices=["commonsense"], required=True)
+    rk.add_argument("--output-dir", type=Path, required=True)
+    rk.add_argument("--overwrite", action="store_true", help="accepted for the runner (the run is not resumable)")
+    rk.add_argument("--resume", action="store_true", help="accepted for the runner (the run is not resumable)")
     sub.add_parser("report", help="print the tables and write reasoning_study/README.md from the kept results")
     args = p.parse_args(argv)
     if args.cmd == "plan":
         for run in plan():
             print(f"{'done' if load_result(run) else 'todo'}  {run.id}")
+        return 0
+    if args.cmd == "rank":
+        rank(args.suite, args.output_dir)
         return 0
     if args.cmd == "run":
         runs = [r for r in plan() if args.suite in (None, r.suite)]

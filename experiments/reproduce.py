@@ -213,7 +213,8 @@ def train(
     tag: str = "reproduce",
 ) -> int:
     """Train the unfinished runs in order, each in its own ``experiments/<script>`` process (a run is
-    anything with ``id``, ``part`` and ``argv(output_dir)``); returns how many ran."""
+    anything with ``id``, ``part`` and ``argv(output_dir)``, and may name its own ``script``); returns
+    how many ran."""
     done = 0
     for run in runs:
         if load_result(run.id, results) is not None:
@@ -221,7 +222,7 @@ def train(
         if max_runs is not None and done >= max_runs:
             break
         scratch = scratch_root / run.id
-        argv = [sys.executable, str(ROOT / "experiments" / script), *run.argv(scratch)]
+        argv = [sys.executable, str(ROOT / "experiments" / getattr(run, "script", script)), *run.argv(scratch)]
         if (scratch / "checkpoints").exists() and any((scratch / "checkpoints").iterdir()):
             argv.append("--resume")
         else:
