@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import reproduce  # the grid machinery (keep, train, load_result) shared with the GLUE reproduction
+from experiments import common, reproduce  # reproduce: the grid machinery (train, load_result) of both studies
 
-ROOT = reproduce.ROOT
+ROOT = common.ROOT
 HERE = ROOT / "experiments" / "reasoning_study"
 RESULTS = HERE / "results"
 SCRATCH = ROOT / "runs" / "reasoning-study"
@@ -185,7 +185,7 @@ def rank(suite: str, output_dir: Path) -> None:
         print(f"{task}: accuracy {accuracy[task]:.4f} ({correct}/{len(rows)})", flush=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     for task, preds in predictions.items():
-        reproduce._write(output_dir / "predictions" / f"{task}.json", json.dumps(preds, indent=1))
+        common.write_json_atomic(output_dir / "predictions" / f"{task}.json", preds, indent=1)
     res = {
         "config": {"suite": suite, "model": s.model, "scoring": "log-likelihood of each offered answer",
                    "max_eval_samples": s.eval_samples},
@@ -195,7 +195,7 @@ def rank(suite: str, output_dir: Path) -> None:
         "scores": scores,
         "timing": {"train_wall_s": 0.0, "eval_s": time.time() - t0},
     }  # fmt: skip
-    reproduce._write(output_dir / "results.json", json.dumps(res, indent=1))
+    common.write_json_atomic(output_dir / "results.json", res, indent=1)
 
 
 def suite_table(suite: str) -> list[str]:
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     text = report()
-    reproduce._write(HERE / "README.md", PREAMBLE + text + "\n")
+    common.write_text_atomic(HERE / "README.md", PREAMBLE + text + "\n")
     print(text)
     return 0
 

@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import common
+from experiments.common import ROOT
+
 HERE = ROOT / "experiments" / "reproduction"
 RESULTS = HERE / "results"
 SCRATCH = ROOT / "runs" / "reproduce"
@@ -212,9 +214,9 @@ def train(
     files: Sequence[str] = KEPT_FILES,
     tag: str = "reproduce",
 ) -> int:
-    """Train the unfinished runs in order, each in its own ``experiments/<script>`` process (a run is
-    anything with ``id``, ``part`` and ``argv(output_dir)``, and may name its own ``script``); returns
-    how many ran."""
+    """Train the unfinished runs in order, each in its own ``python -m experiments.<script>`` process in this
+    checkout (a run is anything with ``id``, ``part`` and ``argv(output_dir)``, and may name its own
+    ``script``); returns how many ran."""
     done = 0
     for run in runs:
         if load_result(run.id, results) is not None:
@@ -222,7 +224,7 @@ def train(
         if max_runs is not None and done >= max_runs:
             break
         scratch = scratch_root / run.id
-        argv = [sys.executable, str(ROOT / "experiments" / getattr(run, "script", script)), *run.argv(scratch)]
+        argv = [sys.executable, "-m", f"experiments.{Path(getattr(run, 'script', script)).stem}", *run.argv(scratch)]
         if (scratch / "checkpoints").exists() and any((scratch / "checkpoints").iterdir()):
             argv.append("--resume")
         else:
@@ -342,7 +344,7 @@ def report(n_boot: int = 1000) -> str:
     if lrs is None:
         lines.append("The pilot is not finished: no rate is chosen and no other run is planned yet.")
         text = "\n".join(lines) + "\n"
-        _write(HERE / "README.md", text)
+        common.write_text_atomic(HERE / "README.md", text)
         return text
     lines += [f"Chosen: adapters lr {lrs['adapter']:g}, full fine-tuning lr {lrs['full']:g}.", ""]
     by = table2_results(lrs)
@@ -400,7 +402,7 @@ def report(n_boot: int = 1000) -> str:
         lines.append("")
     lines += speed_table()
     text = "\n".join(lines) + "\n"
-    _write(HERE / "README.md", text)
+    common.write_text_atomic(HERE / "README.md", text)
     return text
 
 
@@ -534,13 +536,6 @@ def speed_table() -> list[str]:
             f"{median(f'jax/infer/{m}/activation')} | {median(f'jax/infer/{m}/merged')} |"
         )
     return [*lines, ""]
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,23 +4,17 @@ and figure), on fabricated results in a temporary folder."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture()
 def rep(tmp_path: Path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("reproduce_cli", ROOT / "experiments" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    from experiments import reproduce as module
+
     monkeypatch.setattr(module, "HERE", tmp_path / "reproduction")
     monkeypatch.setattr(module, "RESULTS", tmp_path / "reproduction" / "results")
     return module
