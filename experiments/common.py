@@ -28,6 +28,11 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from transformers.hf_argparser import HfArgumentParser
 
+import sora_jax
+from sora_jax import compile_cache
+from sora_jax.models.common import REMAT_POLICIES
+from sora_jax.train import step_time_stats
+
 if TYPE_CHECKING:
     from sora_jax.train import StepInfo
 
@@ -87,8 +92,6 @@ def versions(packages: Sequence[str] = TRAINING_PACKAGES) -> dict[str, str | Non
     out: dict[str, str | None] = {"python": platform.python_version()}
     for pkg in packages:
         if pkg in ("sora_jax", "sora-jax"):
-            import sora_jax
-
             out[pkg] = sora_jax.__version__
             continue
         try:
@@ -131,8 +134,6 @@ def machine() -> dict[str, Any]:
 def step_stats(times: Iterable[float], unit: str = "s") -> dict[str, float]:
     """Median, p10 and p90 of step times in seconds (``unit="ms"``: milliseconds) as ``median_<unit>``,
     ``p10_<unit>``, ``p90_<unit>`` (:func:`sora_jax.train.step_time_stats`); ``{}`` without times."""
-    from sora_jax.train import step_time_stats
-
     scale = {"s": 1.0, "ms": 1e3}[unit]
     stats = step_time_stats(np.asarray(list(times), np.float64) * scale)
     return {f"{q}_{unit}": stats[f"{q}_s"] for q in ("median", "p10", "p90") if f"{q}_s" in stats}
@@ -289,6 +290,19 @@ def check_training_options(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 # options both training command lines have
+@dataclasses.dataclass
+class AdapterOptions:
+    """The adapter's options (:class:`sora_jax.AdapterConfig`); a command line may override defaults in a
+    subclass (a redefined field keeps its place)."""
+
+    _argument_group_name = "adapter"
+    r: int = option(16, type=positive(int))
+    lora_alpha: float = option(16.0, type=positive(float))
+    rotation_rank: int = option(1, type=positive(int))
+    rotation: str = option("taylor", choices=sora_jax.ROTATIONS)
+    lora_dropout: float = option(0.0)
+
+
 def scan_layers_option() -> Any:
     """``--scan-layers`` / ``--no-scan-layers`` (:func:`sora_jax.models.common.scan_blocks`)."""
     return option(
@@ -300,8 +314,6 @@ def scan_layers_option() -> Any:
 
 def remat_option() -> Any:
     """``--remat`` of the scanned blocks."""
-    from sora_jax.models.common import REMAT_POLICIES
-
     return option(
         "none",
         "with --scan-layers: recompute each block in the backward pass (full) or keep only matmuls (dots)",
@@ -312,8 +324,6 @@ def remat_option() -> Any:
 def compile_cache_option() -> Any:
     """``--compile-cache DIR`` (default :func:`sora_jax.compile_cache.default_dir`, read when the parser is
     built; ``none`` disables)."""
-    from sora_jax import compile_cache
-
     return option(
         default_factory=lambda: str(compile_cache.default_dir()),
         help="JAX persistent compilation cache directory ('none' disables it; env SORA_JAX_COMPILE_CACHE)",
@@ -325,8 +335,6 @@ def run_command(prog: str, compile_cache_dir: str, run: Callable[[], Any], user_
     """Enable the compilation cache, then ``run()``. A cache directory that cannot be made and the user's
     errors (``user_errors``: bad input or files) are one line ``<prog>: error: ...`` and exit status 2;
     warnings (a damaged checkpoint skipped) one line ``<prog>: warning: ...`` each."""
-    from sora_jax import compile_cache
-
     try:
         compile_cache.enable(compile_cache_dir)
     except OSError as e:

@@ -97,16 +97,6 @@ class RunOptions:
 
 
 @dataclasses.dataclass
-class AdapterOptions:
-    _argument_group_name = "adapter"
-    r: int = option(16, type=positive(int))
-    lora_alpha: float = option(16.0, type=positive(float))
-    rotation_rank: int = option(1, type=positive(int))
-    rotation: str = option("taylor", choices=sora_jax.ROTATIONS)
-    lora_dropout: float = option(0.0)
-
-
-@dataclasses.dataclass
 class TrainingOptions:
     _argument_group_name = "training"
     lr: float | None = option(None, "adapter lr (full: every param); default by method", type=positive(float))
@@ -182,7 +172,7 @@ class GridOptions:
     seeds: list[int] | None = option(None, "grid seeds (default: 0,1,2)", type=_ints, trajectory=False)
 
 
-OPTIONS = (RunOptions, AdapterOptions, TrainingOptions, OutputOptions, DeviceOptions, GridOptions)
+OPTIONS = (RunOptions, common.AdapterOptions, TrainingOptions, OutputOptions, DeviceOptions, GridOptions)
 
 
 def build_parser() -> common.OptionParser:

@@ -81,12 +81,8 @@ class RunOptions:
 
 
 @dataclasses.dataclass
-class AdapterOptions:
-    _argument_group_name = "adapter"
-    r: int = option(16, type=positive(int))
-    lora_alpha: float = option(32.0, type=positive(float))
-    rotation_rank: int = option(1, type=positive(int))
-    rotation: str = option("taylor", choices=sora_jax.ROTATIONS)
+class AdapterOptions(common.AdapterOptions):
+    lora_alpha: float = option(32.0, type=positive(float))  # DoRA's commonsense setting: alpha 2 r
     lora_dropout: float = option(0.05)
     all_linear: bool = option(False, "adapt every linear layer of each block")
 

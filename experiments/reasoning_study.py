@@ -25,7 +25,6 @@ reads only that folder.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -275,13 +274,8 @@ def report() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="train the next unfinished runs of the study")
-    r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (default: all)")
-    r.add_argument("--keep-scratch", action="store_true", help="keep runs/reasoning-study/<id> after a run is kept")
+    p, sub, r = reproduce.grid_parser(__doc__, "study", "runs/reasoning-study")
     r.add_argument("--suite", choices=sorted(SUITES), default=None, help="only this suite's runs")
-    sub.add_parser("plan", help="list every planned run and whether it is finished")
     rk = sub.add_parser("rank", help="one zero-shot run scoring the offered answers by log-likelihood")
     rk.add_argument("--suite", choices=["commonsense"], required=True)
     rk.add_argument("--output-dir", type=Path, required=True)
