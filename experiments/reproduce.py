@@ -538,25 +538,22 @@ def speed_table() -> list[str]:
     return [*lines, ""]
 
 
-def grid_parser(
-    doc: str, what: str, scratch: str, report_help: str
-) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The command line of a resumable grid (``run`` / ``plan`` / ``report``): the parser and its ``run`` and
-    ``report`` subparsers, for options of their own. ``what``: "grid" or "study"; ``scratch``: where runs train."""
+def grid_parser(doc: str, what: str, scratch: str) -> tuple[argparse.ArgumentParser, Any, argparse.ArgumentParser]:
+    """The command line of a resumable grid: the parser, its subparsers (``run`` and ``plan`` made; the caller
+    adds ``report`` and any other) and the ``run`` subparser. ``what``: "grid" or "study"; ``scratch``: the
+    folder runs train in."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help=f"train the next unfinished runs of the {what}")
     r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (default: all)")
     r.add_argument("--keep-scratch", action="store_true", help=f"keep {scratch}/<id> after a run is kept")
     sub.add_parser("plan", help="list every planned run and whether it is finished")
-    rep = sub.add_parser("report", help=report_help)
-    return p, r, rep
+    return p, sub, r
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p, _, rep = grid_parser(
-        __doc__, "grid", "runs/reproduce", "regenerate report.md and the figures from the kept results"
-    )
+    p, sub, _ = grid_parser(__doc__, "grid", "runs/reproduce")
+    rep = sub.add_parser("report", help="regenerate report.md and the figures from the kept results")
     rep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
     args = p.parse_args(argv)
     if args.cmd == "plan":
