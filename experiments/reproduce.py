@@ -128,9 +128,9 @@ class Run:
 
 
 # -- kept results ------------------------------------------------------------------------------------
-def load_result(run_id: str, results: Path = RESULTS) -> dict[str, Any] | None:
-    """The kept ``results.json`` of a finished run, else ``None``."""
-    path = results / run_id / "results.json"
+def load_result(run_id: str, results: Path | None = None) -> dict[str, Any] | None:
+    """The kept ``results.json`` of a finished run (in ``results``, default :data:`RESULTS`), else ``None``."""
+    path = (RESULTS if results is None else results) / run_id / "results.json"
     if not path.exists():
         return None
     try:
@@ -186,9 +186,10 @@ def plan() -> list[Run]:
     return [r for r in runs if not (r.id in seen or seen.add(r.id))]
 
 
-def keep(run_id: str, scratch: Path, results: Path = RESULTS, files: Sequence[str] = KEPT_FILES) -> None:
-    """Copy a finished run's small outputs (files or folders) into ``results/<run_id>``, atomically (a
-    folder renamed into place)."""
+def keep(run_id: str, scratch: Path, results: Path | None = None, files: Sequence[str] = KEPT_FILES) -> None:
+    """Copy a finished run's small outputs (files or folders) into ``results/<run_id>`` (default
+    :data:`RESULTS`), atomically (a folder renamed into place)."""
+    results = RESULTS if results is None else results
     dest = results / run_id
     tmp = results / f".{run_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -209,7 +210,7 @@ def train(
     keep_scratch: bool,
     *,
     script: str = "glue.py",
-    results: Path = RESULTS,
+    results: Path | None = None,
     scratch_root: Path = SCRATCH,
     files: Sequence[str] = KEPT_FILES,
     tag: str = "reproduce",
