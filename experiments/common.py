@@ -39,8 +39,17 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 
 # what a training run records (``results.json`` "versions"); the benchmarks add torch and peft
-TRAINING_PACKAGES = ("sora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy",
-                     "tokenizers")
+TRAINING_PACKAGES = (
+    "sora_jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "transformers",
+    "numpy",
+    "tokenizers",
+)
 BENCH_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft", "sora-jax")
 
 
@@ -126,9 +135,15 @@ def machine() -> dict[str, Any]:
     gpu = None
     if dev.platform == "gpu":
         gpu = {"name": getattr(dev, "device_kind", str(dev)), "count": len(jax.devices())}
-    return {"jax_backend": jax.default_backend(), "jax_device": str(dev), "cpu": cpu,
-            "cpu_count": len(os.sched_getaffinity(0)), "gpu": gpu,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "malloc_conf": os.environ.get("MALLOC_CONF")}
+    return {
+        "jax_backend": jax.default_backend(),
+        "jax_device": str(dev),
+        "cpu": cpu,
+        "cpu_count": len(os.sched_getaffinity(0)),
+        "gpu": gpu,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "malloc_conf": os.environ.get("MALLOC_CONF"),
+    }
 
 
 def step_stats(times: Iterable[float], unit: str = "s") -> dict[str, float]:
@@ -148,7 +163,7 @@ def per_layer_spectrum(spec: dict[str, Any], stacked: str | None) -> dict[str, A
             out[path] = value
             continue
         for i in range(len(value["entropy"])):
-            out[f"{stacked}_{i}{path[len(stacked):]}"] = {k: v[i] for k, v in value.items()}
+            out[f"{stacked}_{i}{path[len(stacked) :]}"] = {k: v[i] for k, v in value.items()}
     return dict(sorted(out.items()))
 
 

@@ -128,15 +128,9 @@ class TrainingOptions:
 @dataclasses.dataclass
 class OutputOptions:
     _argument_group_name = "output and checkpoints"
-    output_dir: str | None = option(
-        None, "default runs/<task>-<method>-<model>-lr<lr>-s<seed>", trajectory=False
-    )
-    resume: bool = option(
-        False, "continue the run in --output-dir from its last checkpoint", trajectory=False
-    )
-    overwrite: bool = option(
-        False, "start over: delete the checkpoints and outputs in --output-dir", trajectory=False
-    )
+    output_dir: str | None = option(None, "default runs/<task>-<method>-<model>-lr<lr>-s<seed>", trajectory=False)
+    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint", trajectory=False)
+    overwrite: bool = option(False, "start over: delete the checkpoints and outputs in --output-dir", trajectory=False)
     save_every: int = option(0, "checkpoint every N steps (0: only at epoch ends)", trajectory=False)
     keep: int = option(2, "checkpoints kept", type=positive(int), trajectory=False)
     export_merged: bool = option(False, "also export a merged transformers checkpoint", trajectory=False)
@@ -153,21 +147,15 @@ class OutputOptions:
 @dataclasses.dataclass
 class DeviceOptions:
     _argument_group_name = "devices"
-    mesh: str | None = option(
-        None, 'device mesh, e.g. "data=4,model=2" (default: one device)', trajectory=False
-    )
-    replicate_adapter: bool = option(
-        False, "replicate adapter factors on the model axis", trajectory=False
-    )
+    mesh: str | None = option(None, 'device mesh, e.g. "data=4,model=2" (default: one device)', trajectory=False)
+    replicate_adapter: bool = option(False, "replicate adapter factors on the model axis", trajectory=False)
 
 
 @dataclasses.dataclass
 class GridOptions:
     _argument_group_name = "grid (the paper's protocol)"
     grid: bool = option(False, "run methods x lrs x seeds and write a summary table", trajectory=False)
-    methods: list[str] | None = option(
-        None, "grid methods (default: --method)", type=_methods, trajectory=False
-    )
+    methods: list[str] | None = option(None, "grid methods (default: --method)", type=_methods, trajectory=False)
     lrs: list[float] | None = option(None, "grid learning rates (default: --lr)", type=_floats, trajectory=False)
     seeds: list[int] | None = option(None, "grid seeds (default: 0,1,2)", type=_ints, trajectory=False)
 
@@ -502,6 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def on_step(info: train.StepInfo) -> None:
         progress.step(info)
         log.step(info, float(schedule(info.step - 1)))
+
     base_results = {
         "config": cfg,
         "fingerprint": checkpointer.fingerprint,
@@ -636,7 +625,9 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
     summary = summarize(rows)
-    common.write_json_atomic(root / "summary.json", {"task": args.task, "model": args.model, "runs": rows, "summary": summary})
+    common.write_json_atomic(
+        root / "summary.json", {"task": args.task, "model": args.model, "runs": rows, "summary": summary}
+    )
     table = summary_markdown(args.task, summary)
     common.write_text_atomic(root / "summary.md", table)
     print(table)
@@ -691,7 +682,9 @@ USER_ERRORS = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return common.run_command("glue.py", args.compile_cache, lambda: run_grid(args) if args.grid else run(args), USER_ERRORS)
+    return common.run_command(
+        "glue.py", args.compile_cache, lambda: run_grid(args) if args.grid else run(args), USER_ERRORS
+    )
 
 
 if __name__ == "__main__":

@@ -71,13 +71,9 @@ class RunOptions:
     suite: str = option(choices=sorted(SUITES))
     method: str = option("sora", choices=sora_jax.METHODS)
     model: str | None = option(None, "alias (smollm2, gemma3-270m), hub id, directory or .gguf file")
-    data_dir: str | None = option(
-        None, "default: ../shared/data/llm-adapters beside the repository", trajectory=False
-    )
+    data_dir: str | None = option(None, "default: ../shared/data/llm-adapters beside the repository", trajectory=False)
     train_file: str | None = option(None, "a JSON list in LLM-Adapters' format (default: see above)")
-    tasks: str | None = option(
-        None, "comma-separated test sets (default: the whole suite)", trajectory=False
-    )
+    tasks: str | None = option(None, "comma-separated test sets (default: the whole suite)", trajectory=False)
 
 
 @dataclasses.dataclass
@@ -109,13 +105,9 @@ class TrainingOptions:
 @dataclasses.dataclass
 class EvaluationOptions:
     _argument_group_name = "evaluation"
-    max_eval_samples: int | None = option(
-        None, "the first N of each test set", type=positive(int), trajectory=False
-    )
+    max_eval_samples: int | None = option(None, "the first N of each test set", type=positive(int), trajectory=False)
     eval_batch_size: int = option(16, type=positive(int), trajectory=False)
-    max_new_tokens: int | None = option(
-        None, "default: 32 commonsense, 256 math", type=positive(int), trajectory=False
-    )
+    max_new_tokens: int | None = option(None, "default: 32 commonsense, 256 math", type=positive(int), trajectory=False)
 
 
 @dataclasses.dataclass
