@@ -166,6 +166,7 @@ OPTIONS = (RunOptions, common.AdapterOptions, TrainingOptions, OutputOptions, De
 def build_parser() -> common.OptionParser:
     return common.OptionParser(
         OPTIONS,
+        prog="glue.py",  # also when called as a function (python -c, tests), like main's error lines
         description="GLUE fine-tuning with LoRA, DoRA, Pre-Diag, SORA, Pre/Post-Ortho or full fine-tuning.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -127,7 +127,7 @@ OPTIONS = (RunOptions, AdapterOptions, TrainingOptions, EvaluationOptions, Outpu
 
 def build_parser() -> common.OptionParser:
     return common.OptionParser(
-        OPTIONS, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        OPTIONS, prog="reasoning.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
 
 
