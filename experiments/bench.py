@@ -36,10 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
-import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -52,14 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import sora_jax as sj  # noqa: E402
-from sora_jax.adapter import find_modules  # noqa: E402
-from sora_jax.config import PAPER_TARGETS  # noqa: E402
-from sora_jax.train import TrainConfig, Trainer, loss_sums  # noqa: E402
+import sora_jax as sj
+from experiments import common
+from experiments.common import ROOT
+from sora_jax.adapter import find_modules
+from sora_jax.config import PAPER_TARGETS
+from sora_jax.train import TrainConfig, Trainer, loss_sums
 
 METHODS = sj.METHODS
 # "activation": adapted_dense's default (W' formed where that pays, fuse_pays); "unfused": every adapter term
@@ -270,8 +265,7 @@ class Variant:
         t = np.asarray(self.times, np.float64)
         out: dict[str, Any] = {"framework": self.framework, "kind": self.kind, "n": int(t.size)}
         if t.size:
-            out.update(median_s=float(np.median(t)), p10_s=float(np.percentile(t, 10)),
-                       p90_s=float(np.percentile(t, 90)), min_s=float(t.min()))
+            out.update(**common.step_stats(t), min_s=float(t.min()))
         out.update(flops=self.flops, xla_flops=self.xla_flops, compile_s=self.compile_s, lower_s=self.lower_s,
                    memory=self.memory)
         if self.flops and t.size:
@@ -584,36 +578,6 @@ def measure(variants: list[Variant], warmup: int, rounds: int, steps: int, log: 
         log(f"round {r + 1}/{rounds}: {time.perf_counter() - t_round:.1f} s")
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft", "sora-jax"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def device_info() -> dict[str, Any]:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    if dev.platform == "gpu":
-        gpu = {"name": getattr(dev, "device_kind", str(dev)), "count": len(jax.devices())}
-    # the allocator setting changes CPU step times a lot (XLA allocates each step's temporaries afresh;
-    # experiments/PERF.md), so it is part of the record
-    return {"jax_backend": jax.default_backend(), "jax_device": str(dev), "cpu": cpu,
-            "cpu_count": len(os.sched_getaffinity(0)), "gpu": gpu,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "malloc_conf": os.environ.get("MALLOC_CONF")}
-
-
 def load_setup(args: argparse.Namespace, workdir: Path) -> Setup:
     if args.synthetic:
         cfg = synthetic_config(args.synthetic, args.layers)
@@ -649,7 +613,7 @@ def run_record(args: argparse.Namespace, argv: list[str] | None, threads: int) -
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["bench.py", *argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": versions(), "device": device_info(), "gpu": device_info()["gpu"],
+        "versions": common.versions(common.BENCH_PACKAGES), "device": common.machine(), "gpu": common.machine()["gpu"],
         "threads": {"cpu_count": threads, "jax_xla_flags": os.environ.get("XLA_FLAGS", ""), "torch": torch_threads},
         "memory_note": "XLA compiled memory analysis of each JAX step (argument + output - alias + temp bytes); "
                        "no torch memory figure on CPU",
@@ -756,10 +720,7 @@ def print_table(results: dict[str, dict], ratios: dict[str, dict], flops: dict[s
 
 def _decoder() -> Any:
     """``experiments/bench_decoder.py`` (imported when needed: it imports this module)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import bench_decoder
+    from experiments import bench_decoder
 
     return bench_decoder
 
@@ -831,9 +792,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods, paths = args.methods.split(","), args.paths.split(",")
     threads = len(os.sched_getaffinity(0))
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = common.log
     with tempfile.TemporaryDirectory(prefix="sora_bench_") as tmp:
         setup = load_setup(args, Path(tmp))
         flops = flop_counts(setup)
@@ -883,8 +842,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flops": flops, "results": results, "ratios": ratios, "acceptance": checks,
     }
     out = Path(args.out) if args.out else ROOT / "experiments" / "results" / f"bench-{setup.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    common.write_json_atomic(out, report, indent=1)
     log(f"wrote {out}")
     return report
 

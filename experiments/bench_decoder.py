@@ -30,22 +30,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bench
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import sora_jax as sj
+from experiments import bench, common
 from sora_jax import lm
 from sora_jax.config import PAPER_DECODER_TARGETS
 from sora_jax.generate import greedy_generate
@@ -383,9 +381,7 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     paths = args.paths.split(",")
     threads = len(os.sched_getaffinity(0))
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = common.log
     gen = None
     agree: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sora_bench_decoder_") as tmp:
@@ -466,10 +462,7 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "matmul_ceiling_gflops": ceiling, "flops": flops, "results": results, "ratios": ratios,
         "generation": generation, "agreement": agreement, "cross_entropy_memory": ce, "acceptance": checks,
     }
-    out = Path(args.out) if args.out else bench.ROOT / "experiments" / "results" / f"bench-decoder-{setup.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(report, indent=1))
-    os.replace(tmp_out, out)
+    out = Path(args.out) if args.out else common.ROOT / "experiments" / "results" / f"bench-decoder-{setup.name}.json"
+    common.write_json_atomic(out, report, indent=1)
     log(f"wrote {out}")
     return report

@@ -16,9 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-
-import sora_jax as sj  # noqa: E402
-from sora_jax.dense import adapted_dense  # noqa: E402
+import sora_jax as sj
+from experiments import bench, common
+from sora_jax.dense import adapted_dense
 
 
 def variant(method: str | None, fused: bool, params: dict, r: int, r_p: int):
@@ -88,16 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"layer {n} x {d_in} -> {d_out}, r {args.r}, r_p {args.r_p}")
     print(f"{'variant':20s} {'median ms':>9s} {'p10':>7s} {'p90':>7s} {'/frozen':>7s} {'faults':>8s} {'temp MiB':>8s}")
     for name, r in results.items():
-        t = np.asarray(r["times"]) * 1e3
-        r.update(median_ms=float(np.median(t)), p10_ms=float(np.percentile(t, 10)),
-                 p90_ms=float(np.percentile(t, 90)), faults_per_step=float(np.median(r["faults"])))
+        r.update(**common.step_stats(r["times"], unit="ms"), faults_per_step=float(np.median(r["faults"])))
         print(f"{name:20s} {r['median_ms']:9.2f} {r['p10_ms']:7.2f} {r['p90_ms']:7.2f} "
               f"{r['median_ms'] / base_ms:7.2f} {r['faults_per_step']:8.0f} {r['temp_mib'] or 0:8.1f}")
-    record = {"shape": [n, d_in, d_out], "r": args.r, "r_p": args.r_p, "versions": bench.versions(),
-              "device": bench.device_info(), "results": results}
+    record = {"shape": [n, d_in, d_out], "r": args.r, "r_p": args.r_p, "versions": common.versions(common.BENCH_PACKAGES),
+              "device": common.machine(), "results": results}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        common.write_json_atomic(Path(args.out), record, indent=1)
     return record
 
 

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +35,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import sora_jax as sj  # noqa: E402
+import sora_jax as sj
+from experiments import common
 
 TARGETS = ["query", "key", "value", "out", "up", "down"]
 
@@ -178,9 +172,7 @@ def measure(variants: dict[str, Callable[[], None]], rounds: int) -> dict[str, d
             times[name].append(time.perf_counter() - t0)
     out = {}
     for name, t in times.items():
-        a = np.asarray(t)
-        out[name] = {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)),
-                     "p90_s": float(np.percentile(a, 90)), "n": int(a.size)}
+        out[name] = {**common.step_stats(t), "n": len(t)}
     return out
 
 
@@ -217,15 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "tokens_per_step": args.batch * args.seq,
         "results": stats,
-        "versions": {"jax": jax.__version__, "python": platform.python_version()},
-        "devices": [str(d) for d in jax.devices()],
+        "versions": common.versions(("jax",)),
+        "devices": common.devices(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / "bench-user-model.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    out = Path(args.out) if args.out else common.ROOT / "experiments" / "results" / "bench-user-model.json"
+    common.write_json_atomic(out, report, indent=1)
     print(f"wrote {out}")
     return report
 

@@ -20,35 +20,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-
-import sora_jax  # noqa: E402
-from sora_jax import compile_cache, train  # noqa: E402
-from sora_jax.checkpoint import Checkpointer, CheckpointError, ConfigMismatchError  # noqa: E402
-from sora_jax.config import PAPER_TARGETS  # noqa: E402
-from sora_jax.data import glue as data  # noqa: E402
-from sora_jax.io import stale_temporaries  # noqa: E402
-from sora_jax.models.common import REMAT_POLICIES  # noqa: E402
+import sora_jax
+from experiments import common
+from experiments.common import option, positive
+from sora_jax import compile_cache, train
+from sora_jax.checkpoint import Checkpointer, CheckpointError, ConfigMismatchError
+from sora_jax.config import PAPER_TARGETS
+from sora_jax.data import glue as data
+from sora_jax.io import stale_temporaries
 
 METHODS = ("full", *sora_jax.METHODS)
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
@@ -66,26 +59,6 @@ def head_modules(freeze_pooler: bool = False) -> tuple[str, ...]:
 
 # default peak learning rates (adapter/base, head), chosen on MiniLM + MRPC
 DEFAULT_LR = {"full": (5e-5, 5e-5), "adapter": (1e-3, 1e-3)}
-
-# arguments that do not change the training trajectory (left out of the resume fingerprint)
-NON_TRAJECTORY = (
-    "output_dir",
-    "resume",
-    "overwrite",
-    "export_merged",
-    "mesh",
-    "save_every",
-    "keep",
-    "grid",
-    "lrs",
-    "seeds",
-    "methods",
-    "data_dir",
-    "no_progress",
-    "replicate_adapter",
-    "compile_cache",
-    "report_to",
-)
 
 
 # -- arguments ---------------------------------------------------------------------------------------
@@ -111,135 +84,106 @@ def _methods(text: str) -> list[str]:
     return out
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-
-    return parse
-
-
-def add_scan_arguments(group: Any) -> None:
-    """``--scan-layers`` / ``--unrolled`` and ``--remat`` (:func:`sora_jax.models.common.scan_blocks`)."""
-    group.add_argument(
-        "--scan-layers",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="run the transformer blocks under nn.scan: one compiled block (compile time independent of depth)",
-    )
-    group.add_argument(
-        "--remat",
-        choices=REMAT_POLICIES,
-        default="none",
-        help="with --scan-layers: recompute each block in the backward pass (full) or keep only matmuls (dots)",
+# The options, one dataclass per help group, in the order --help lists them. ``trajectory=False``: the option
+# does not change the training trajectory and stays out of the resume fingerprint (run_config).
+@dataclasses.dataclass
+class RunOptions:
+    method: str = option("sora", choices=METHODS)
+    task: str = option("mrpc", choices=TASK_NAMES)
+    model: str = option("minilm", "alias 'minilm', a Hugging Face hub id or a local directory")
+    data_dir: str | None = option(
+        None, "GLUE data root (default: sora_jax.data.glue.find_data_dir())", trajectory=False
     )
 
 
-def add_compile_cache_argument(group: Any) -> None:
-    """``--compile-cache DIR`` (default :func:`sora_jax.compile_cache.default_dir`; ``none`` disables)."""
-    group.add_argument(
-        "--compile-cache",
-        default=str(compile_cache.default_dir()),
-        help="JAX persistent compilation cache directory ('none' disables it; env SORA_JAX_COMPILE_CACHE)",
+@dataclasses.dataclass
+class TrainingOptions:
+    _argument_group_name = "training"
+    lr: float | None = option(None, "adapter lr (full: every param); default by method", type=positive(float))
+    head_lr: float | None = option(None, "classifier lr; default by method", type=positive(float))
+    epochs: int = option(5, type=positive(int))
+    batch_size: int = option(32, type=positive(int))
+    max_length: int = option(128, type=positive(int))
+    pad_to_multiple: int = option(
+        16,
+        "batches pad to multiples of this on a ~1.5x ladder (data.length_rungs): fewer step shapes to compile",
+        type=positive(int),
+    )
+    seed: int = option(0)
+    max_train_samples: int | None = option(None, type=positive(int))
+    max_eval_samples: int | None = option(None, type=positive(int))
+    warmup_ratio: float = option(0.06)
+    weight_decay: float = option(0.01)
+    max_grad_norm: float | None = option(None, type=positive(float))
+    grad_accum: int = option(1, type=positive(int))
+    path: str = option("activation", "adapter on activations or on weights", choices=train.PATHS)
+    no_dropout: bool = option(False, "train without the model's dropout")
+    scan_layers: bool = common.scan_layers_option()
+    remat: str = common.remat_option()
+    freeze_pooler: bool = option(
+        False, "train only the classifier, not the pooler (the paper's DeBERTa setting; default: both)"
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+@dataclasses.dataclass
+class OutputOptions:
+    _argument_group_name = "output and checkpoints"
+    output_dir: str | None = option(None, "default runs/<task>-<method>-<model>-lr<lr>-s<seed>", trajectory=False)
+    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint", trajectory=False)
+    overwrite: bool = option(False, "start over: delete the checkpoints and outputs in --output-dir", trajectory=False)
+    save_every: int = option(0, "checkpoint every N steps (0: only at epoch ends)", trajectory=False)
+    keep: int = option(2, "checkpoints kept", type=positive(int), trajectory=False)
+    export_merged: bool = option(False, "also export a merged transformers checkpoint", trajectory=False)
+    no_progress: bool = option(False, "no progress bar", trajectory=False)
+    report_to: str = option(
+        "none",
+        "also log per-step metrics to TensorBoard (<output-dir>/tensorboard); metrics.jsonl is always written",
+        choices=("none", "tensorboard"),
+        trajectory=False,
+    )
+    compile_cache: str = common.compile_cache_option()
+
+
+@dataclasses.dataclass
+class DeviceOptions:
+    _argument_group_name = "devices"
+    mesh: str | None = option(None, 'device mesh, e.g. "data=4,model=2" (default: one device)', trajectory=False)
+    replicate_adapter: bool = option(False, "replicate adapter factors on the model axis", trajectory=False)
+
+
+@dataclasses.dataclass
+class GridOptions:
+    _argument_group_name = "grid (the paper's protocol)"
+    grid: bool = option(False, "run methods x lrs x seeds and write a summary table", trajectory=False)
+    methods: list[str] | None = option(None, "grid methods (default: --method)", type=_methods, trajectory=False)
+    lrs: list[float] | None = option(None, "grid learning rates (default: --lr)", type=_floats, trajectory=False)
+    seeds: list[int] | None = option(None, "grid seeds (default: 0,1,2)", type=_ints, trajectory=False)
+
+
+OPTIONS = (RunOptions, common.AdapterOptions, TrainingOptions, OutputOptions, DeviceOptions, GridOptions)
+
+
+def build_parser() -> common.OptionParser:
+    return common.OptionParser(
+        OPTIONS,
+        prog="glue.py",  # also when called as a function (python -c, tests), like main's error lines
         description="GLUE fine-tuning with LoRA, DoRA, Pre-Diag, SORA, Pre/Post-Ortho or full fine-tuning.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--method", choices=METHODS, default="sora")
-    p.add_argument("--task", choices=TASK_NAMES, default="mrpc")
-    p.add_argument("--model", default="minilm", help="alias 'minilm', a Hugging Face hub id or a local directory")
-    p.add_argument("--data-dir", default=None, help="GLUE data root (default: sora_jax.data.glue.find_data_dir())")
-    g = p.add_argument_group("adapter")
-    g.add_argument("--r", type=_positive(int), default=16)
-    g.add_argument("--lora-alpha", type=_positive(float), default=16.0)
-    g.add_argument("--rotation-rank", type=_positive(int), default=1)
-    g.add_argument("--rotation", choices=sora_jax.ROTATIONS, default="taylor")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    t = p.add_argument_group("training")
-    t.add_argument(
-        "--lr", type=_positive(float), default=None, help="adapter lr (full: every param); default by method"
-    )
-    t.add_argument("--head-lr", type=_positive(float), default=None, help="classifier lr; default by method")
-    t.add_argument("--epochs", type=_positive(int), default=5)
-    t.add_argument("--batch-size", type=_positive(int), default=32)
-    t.add_argument("--max-length", type=_positive(int), default=128)
-    t.add_argument(
-        "--pad-to-multiple",
-        type=_positive(int),
-        default=16,
-        help="batches pad to multiples of this on a ~1.5x ladder (data.length_rungs): fewer step shapes to compile",
-    )
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-train-samples", type=_positive(int), default=None)
-    t.add_argument("--max-eval-samples", type=_positive(int), default=None)
-    t.add_argument("--warmup-ratio", type=float, default=0.06)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--max-grad-norm", type=_positive(float), default=None)
-    t.add_argument("--grad-accum", type=_positive(int), default=1)
-    t.add_argument("--path", choices=train.PATHS, default="activation", help="adapter on activations or on weights")
-    t.add_argument("--no-dropout", action="store_true", help="train without the model's dropout")
-    add_scan_arguments(t)
-    t.add_argument(
-        "--freeze-pooler",
-        action="store_true",
-        help="train only the classifier, not the pooler (the paper's DeBERTa setting; default: both)",
-    )
-    o = p.add_argument_group("output and checkpoints")
-    o.add_argument("--output-dir", default=None, help="default runs/<task>-<method>-<model>-lr<lr>-s<seed>")
-    o.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    o.add_argument(
-        "--overwrite", action="store_true", help="start over: delete the checkpoints and outputs in --output-dir"
-    )
-    o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at epoch ends)")
-    o.add_argument("--keep", type=_positive(int), default=2, help="checkpoints kept")
-    o.add_argument("--export-merged", action="store_true", help="also export a merged transformers checkpoint")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o.add_argument(
-        "--report-to",
-        choices=("none", "tensorboard"),
-        default="none",
-        help="also log per-step metrics to TensorBoard (<output-dir>/tensorboard); metrics.jsonl is always written",
-    )
-    add_compile_cache_argument(o)
-    d = p.add_argument_group("devices")
-    d.add_argument("--mesh", default=None, help='device mesh, e.g. "data=4,model=2" (default: one device)')
-    d.add_argument("--replicate-adapter", action="store_true", help="replicate adapter factors on the model axis")
-    s = p.add_argument_group("grid (the paper's protocol)")
-    s.add_argument("--grid", action="store_true", help="run methods x lrs x seeds and write a summary table")
-    s.add_argument("--methods", type=_methods, default=None, help="grid methods (default: --method)")
-    s.add_argument("--lrs", type=_floats, default=None, help="grid learning rates (default: --lr)")
-    s.add_argument("--seeds", type=_ints, default=None, help="grid seeds (default: 0,1,2)")
-    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.warmup_ratio < 1.0:
-        parser.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    common.check_training_options(parser, args)
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.lrs and not all(math.isfinite(v) and v > 0 for v in args.lrs):
         parser.error(f"--lrs must be positive finite numbers, got {args.lrs}")
     if args.save_every < 0:
         parser.error(f"--save-every must be >= 0, got {args.save_every}")
-    if args.batch_size % args.grad_accum:
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
     if not args.grid and (args.methods or args.lrs or args.seeds):
         parser.error("--methods/--lrs/--seeds only apply with --grid")
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite exclude each other")
     return args
 
 
@@ -256,44 +200,15 @@ def default_output_dir(args: argparse.Namespace) -> Path:
     return Path("runs") / f"{args.task}-{args.method}-{model_tag(args.model)}-lr{args.lr:g}-s{args.seed}"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "sora_jax": sora_jax.__version__}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "tokenizers"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[pkg] = metadata.version(pkg)
-    return out
-
-
-def device_info() -> list[str]:
-    return [f"{d.platform}:{d.id}:{getattr(d, 'device_kind', '')}" for d in jax.devices()]
+def trajectory_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options in ``args`` that change the training trajectory (every option not marked
+    ``trajectory=False``)."""
+    return common.trajectory_options(args, OPTIONS)
 
 
 def run_config(args: argparse.Namespace, adapter_config: Any, train_config: train.TrainConfig) -> dict[str, Any]:
     """Everything that determines the training trajectory (the resume fingerprint's input)."""
-    cfg = {k: v for k, v in vars(args).items() if k not in NON_TRAJECTORY}
+    cfg = trajectory_options(args)
     cfg["adapter"] = None if adapter_config is None else adapter_config.to_dict()
     cfg["train"] = train_config.to_dict()
     return cfg
@@ -346,7 +261,8 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     """Remove the temporary files and directories an interrupted earlier run left in ``out_dir``."""
     if not out_dir.is_dir():
         return []
-    stale = [p for name in ("results.json", "dev_predictions.npz", "summary.json") for p in out_dir.glob(f".{name}.*")]
+    written = ("results.json", "dev_predictions.npz", "metrics.jsonl", "summary.json", "summary.md")
+    stale = [p for name in written for p in out_dir.glob(f".{name}.*")]
     stale += [p for name in ("adapter", "merged") for p in stale_temporaries(out_dir / name)]
     for p in stale:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -361,18 +277,6 @@ def remove_previous_run(out_dir: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _lower(old: Any, new: Any) -> bool:
@@ -419,30 +323,6 @@ def evaluate(
     return metrics, preds
 
 
-class Progress:
-    """A tqdm bar over optimizer steps with the smoothed loss and examples/s (ETA from tqdm)."""
-
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
-        self.loss: float | None = None
-
-    def step(self, info: train.StepInfo) -> None:
-        self.loss = info.loss if self.loss is None else 0.9 * self.loss + 0.1 * info.loss
-        self.bar.set_postfix(
-            loss=f"{self.loss:.4f}", ex_s=f"{info.examples / max(info.seconds, 1e-9):.1f}", refresh=False
-        )
-        self.bar.update(1)
-
-    def epoch(self, record: dict) -> None:
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-        self.bar.write(f"epoch {record['epoch']}: {shown}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 class MetricsLog:
     """Per-step metrics as they happen: ``<out_dir>/metrics.jsonl`` (one JSON object a line: ``step``,
     ``epoch``, ``loss``, ``lr``, ``examples_per_s``; after each evaluation ``step``, ``epoch`` and the dev
@@ -460,9 +340,7 @@ class MetricsLog:
                 with contextlib.suppress(ValueError):
                     if json.loads(line).get("step", 0) <= start_step:
                         kept.append(line + "\n")
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        common.write_text_atomic(self.path, "".join(kept))
         self.file = self.path.open("a", buffering=1)
         self.writer = None
         if tensorboard:
@@ -471,7 +349,7 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, default=_json_default) + "\n")
+        self.file.write(json.dumps(record, default=common.json_default) + "\n")
 
     def step(self, info: train.StepInfo, lr: float) -> None:
         rate = info.examples / max(info.seconds, 1e-9)
@@ -606,13 +484,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     start_step = (checkpointer.latest_step() or 0) if args.resume else 0
     desc = f"{args.task}/{args.method}"
-    progress = Progress(total_steps, start_step, desc, not args.no_progress)
+    progress = common.Progress(total_steps, start_step, desc, not args.no_progress)
     schedule = train.lr_schedule(args.lr, total_steps, args.warmup_ratio)
     log = MetricsLog(out_dir, start_step, tensorboard=args.report_to == "tensorboard")
 
     def on_step(info: train.StepInfo) -> None:
         progress.step(info)
         log.step(info, float(schedule(info.step - 1)))
+
     base_results = {
         "config": cfg,
         "fingerprint": checkpointer.fingerprint,
@@ -624,15 +503,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "parameters": n_params,
-        "versions": versions(),
-        "devices": device_info(),
+        "versions": common.versions(),
+        "devices": common.devices(),
         "mesh": args.mesh,
     }
 
     def on_epoch(history: list[dict]) -> None:
         progress.epoch(history[-1])
         log.epoch(history[-1])
-        write_json_atomic(out_dir / "results.json", {**base_results, "history": history, "finished": False})
+        common.write_json_atomic(out_dir / "results.json", {**base_results, "history": history, "finished": False})
 
     compiled_before = compile_cache.compile_seconds()
     t_start = time.perf_counter()
@@ -678,7 +557,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "resumed_from_step": result.resumed_from,
         "spectrum": update_spectrum(trainer, result.state, model, TARGETS[model_type]),
     }
-    save_npz_atomic(out_dir / "dev_predictions.npz", last_eval)
+    common.save_npz_atomic(out_dir / "dev_predictions.npz", last_eval)
     adapter = trainer.adapter(result.state)
     if adapter is not None:
         sora_jax.save_adapter(jax.device_get(adapter), out_dir / "adapter")
@@ -686,7 +565,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params = jax.device_get(trainer.params(result.state))
         merged = sora_jax.export_merged(model, params, jax.device_get(adapter), out_dir / "merged")
         results["merged"] = str(merged)
-    write_json_atomic(out_dir / "results.json", results)
+    common.write_json_atomic(out_dir / "results.json", results)
     print(
         f"{desc}: best {task.main_metric} {best[metric]:.4f} (epoch {best['epoch']}); final "
         f"{ {k: round(v, 4) for k, v in history[-1].items() if isinstance(v, float)} }; "
@@ -706,7 +585,7 @@ def update_spectrum(
     params = jax.device_get(trainer.params(state))
     adapter = trainer.adapter(state)
     if adapter is not None:
-        return per_layer_spectrum(sora_jax.spectrum(params, jax.device_get(adapter)), model.stacked)
+        return common.per_layer_spectrum(sora_jax.spectrum(params, jax.device_get(adapter)), model.stacked)
     from sora_jax.adapter import find_modules
     from sora_jax.spectrum import spectrum_of
 
@@ -717,19 +596,6 @@ def update_spectrum(
         for p in sorted(new)
         if select.targets(p)
     }
-
-
-def per_layer_spectrum(spec: dict[str, Any], stacked: str | None) -> dict[str, Any]:
-    """:func:`sora_jax.spectrum`'s result with a scanned stack's entries (lists over the ``L`` blocks at
-    ``stacked/...``) split into one entry per block at ``stacked_N/...``."""
-    out: dict[str, Any] = {}
-    for path, value in spec.items():
-        if stacked is None or not path.startswith(stacked + "/"):
-            out[path] = value
-            continue
-        for i in range(len(value["entropy"])):
-            out[f"{stacked}_{i}{path[len(stacked):]}"] = {k: v[i] for k, v in value.items()}
-    return dict(sorted(out.items()))
 
 
 # -- the grid ----------------------------------------------------------------------------------------
@@ -760,11 +626,11 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
     summary = summarize(rows)
-    write_json_atomic(root / "summary.json", {"task": args.task, "model": args.model, "runs": rows, "summary": summary})
+    common.write_json_atomic(
+        root / "summary.json", {"task": args.task, "model": args.model, "runs": rows, "summary": summary}
+    )
     table = summary_markdown(args.task, summary)
-    tmp = root / ".summary.md.tmp"
-    tmp.write_text(table)
-    os.replace(tmp, root / "summary.md")
+    common.write_text_atomic(root / "summary.md", table)
     print(table)
     return summary
 
@@ -817,25 +683,9 @@ USER_ERRORS = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        compile_cache.enable(args.compile_cache)
-    except OSError as e:
-        print(f"glue.py: error: {e}", file=sys.stderr)
-        return 2
-    # warnings (a damaged checkpoint skipped) as one line each
-    formatwarning = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *_, **__: f"glue.py: warning: {message}\n"
-    try:
-        if args.grid:
-            run_grid(args)
-        else:
-            run(args)
-    except USER_ERRORS as e:
-        print(f"glue.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        warnings.formatwarning = formatwarning
-    return 0
+    return common.run_command(
+        "glue.py", args.compile_cache, lambda: run_grid(args) if args.grid else run(args), USER_ERRORS
+    )
 
 
 if __name__ == "__main__":

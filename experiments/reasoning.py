@@ -28,6 +28,7 @@ loss, timings, update spectrum, versions), ``predictions/<task>.json`` (every re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import re
@@ -38,30 +39,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "experiments"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-import jax  # noqa: E402
-from glue import (  # noqa: E402
-    Progress,
-    _positive,
-    add_compile_cache_argument,
-    add_scan_arguments,
-    device_info,
-    per_layer_spectrum,
-    versions,
-    write_json_atomic,
-)
-
-import sora_jax  # noqa: E402
-from sora_jax import compile_cache, lm, train  # noqa: E402
-from sora_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
-from sora_jax.config import PAPER_DECODER_TARGETS  # noqa: E402
-from sora_jax.generate import generate_text  # noqa: E402
+import sora_jax
+from experiments import common
+from experiments.common import option, positive
+from sora_jax import lm, train
+from sora_jax.checkpoint import Checkpointer, CheckpointError
+from sora_jax.config import PAPER_DECODER_TARGETS
+from sora_jax.generate import generate_text
 
 SUITES = {"commonsense": lm.COMMONSENSE_TASKS, "math": lm.MATH_TASKS}
 TRAIN_SETS = {"commonsense": ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"), "math": ("gsm8k-train",)}
@@ -70,8 +57,6 @@ MAX_NEW_TOKENS = {"commonsense": 32, "math": 256}
 TARGETS = PAPER_DECODER_TARGETS  # DoRA's commonsense setting
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STOP = ("### Instruction", "\n\n\n")
-NON_TRAJECTORY = ("output_dir", "resume", "overwrite", "save_every", "keep", "no_progress", "data_dir",
-                  "compile_cache", "max_eval_samples", "eval_batch_size", "max_new_tokens", "tasks")
 
 
 class ReasoningDataError(ValueError):
@@ -79,61 +64,83 @@ class ReasoningDataError(ValueError):
 
 
 # -- arguments ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--suite", choices=sorted(SUITES), required=True)
-    p.add_argument("--method", choices=sora_jax.METHODS, default="sora")
-    p.add_argument("--model", default=None, help="alias (smollm2, gemma3-270m), hub id, directory or .gguf file")
-    p.add_argument("--data-dir", default=None, help="default: ../shared/data/llm-adapters beside the repository")
-    p.add_argument("--train-file", default=None, help="a JSON list in LLM-Adapters' format (default: see above)")
-    p.add_argument("--tasks", default=None, help="comma-separated test sets (default: the whole suite)")
-    g = p.add_argument_group("adapter")
-    g.add_argument("--r", type=_positive(int), default=16)
-    g.add_argument("--lora-alpha", type=_positive(float), default=32.0)
-    g.add_argument("--rotation-rank", type=_positive(int), default=1)
-    g.add_argument("--rotation", choices=sora_jax.ROTATIONS, default="taylor")
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--all-linear", action="store_true", help="adapt every linear layer of each block")
-    t = p.add_argument_group("training")
-    t.add_argument("--lr", type=_positive(float), default=2e-4)
-    t.add_argument("--epochs", type=_positive(int), default=1)
-    t.add_argument("--batch-size", type=_positive(int), default=16)
-    t.add_argument("--grad-accum", type=_positive(int), default=1)
-    t.add_argument("--max-length", type=_positive(int), default=256)
-    t.add_argument("--max-train-samples", type=_positive(int), default=None)
-    t.add_argument("--warmup-ratio", type=float, default=0.03)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--max-grad-norm", type=_positive(float), default=1.0)
-    t.add_argument("--vocab-chunk", type=_positive(int), default=8192, help="vocabulary columns per loss chunk")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--zero-shot", action="store_true", help="no training: evaluate the base model")
-    add_scan_arguments(t)
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--max-eval-samples", type=_positive(int), default=None, help="the first N of each test set")
-    e.add_argument("--eval-batch-size", type=_positive(int), default=16)
-    e.add_argument("--max-new-tokens", type=_positive(int), default=None, help="default: 32 commonsense, 256 math")
-    o = p.add_argument_group("output and checkpoints")
-    o.add_argument("--output-dir", default=None, help="default runs/<suite>-<method>-<model>-s<seed>")
-    o.add_argument("--resume", action="store_true")
-    o.add_argument("--overwrite", action="store_true")
-    o.add_argument("--save-every", type=int, default=0)
-    o.add_argument("--keep", type=_positive(int), default=2)
-    o.add_argument("--no-progress", action="store_true")
-    add_compile_cache_argument(o)
-    return p
+# The options, one dataclass per help group, in the order --help lists them. ``trajectory=False``: the option
+# does not change the training trajectory and stays out of the resume fingerprint (run_config).
+@dataclasses.dataclass
+class RunOptions:
+    suite: str = option(choices=sorted(SUITES))
+    method: str = option("sora", choices=sora_jax.METHODS)
+    model: str | None = option(None, "alias (smollm2, gemma3-270m), hub id, directory or .gguf file")
+    data_dir: str | None = option(None, "default: ../shared/data/llm-adapters beside the repository", trajectory=False)
+    train_file: str | None = option(None, "a JSON list in LLM-Adapters' format (default: see above)")
+    tasks: str | None = option(None, "comma-separated test sets (default: the whole suite)", trajectory=False)
+
+
+@dataclasses.dataclass
+class AdapterOptions(common.AdapterOptions):
+    lora_alpha: float = option(32.0, type=positive(float))  # DoRA's commonsense setting: alpha 2 r
+    lora_dropout: float = option(0.05)
+    all_linear: bool = option(False, "adapt every linear layer of each block")
+
+
+@dataclasses.dataclass
+class TrainingOptions:
+    _argument_group_name = "training"
+    lr: float = option(2e-4, type=positive(float))
+    epochs: int = option(1, type=positive(int))
+    batch_size: int = option(16, type=positive(int))
+    grad_accum: int = option(1, type=positive(int))
+    max_length: int = option(256, type=positive(int))
+    max_train_samples: int | None = option(None, type=positive(int))
+    warmup_ratio: float = option(0.03)
+    weight_decay: float = option(0.0)
+    max_grad_norm: float = option(1.0, type=positive(float))
+    vocab_chunk: int = option(8192, "vocabulary columns per loss chunk", type=positive(int))
+    seed: int = option(0)
+    zero_shot: bool = option(False, "no training: evaluate the base model")
+    scan_layers: bool = common.scan_layers_option()
+    remat: str = common.remat_option()
+
+
+@dataclasses.dataclass
+class EvaluationOptions:
+    _argument_group_name = "evaluation"
+    max_eval_samples: int | None = option(None, "the first N of each test set", type=positive(int), trajectory=False)
+    eval_batch_size: int = option(16, type=positive(int), trajectory=False)
+    max_new_tokens: int | None = option(None, "default: 32 commonsense, 256 math", type=positive(int), trajectory=False)
+
+
+@dataclasses.dataclass
+class OutputOptions:
+    _argument_group_name = "output and checkpoints"
+    output_dir: str | None = option(None, "default runs/<suite>-<method>-<model>-s<seed>", trajectory=False)
+    resume: bool = option(False, trajectory=False)
+    overwrite: bool = option(False, trajectory=False)
+    save_every: int = option(0, trajectory=False)
+    keep: int = option(2, type=positive(int), trajectory=False)
+    no_progress: bool = option(False, trajectory=False)
+    compile_cache: str = common.compile_cache_option()
+
+
+OPTIONS = (RunOptions, AdapterOptions, TrainingOptions, EvaluationOptions, OutputOptions)
+
+
+def build_parser() -> common.OptionParser:
+    return common.OptionParser(
+        OPTIONS, prog="reasoning.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+
+
+def trajectory_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options in ``args`` that change the training trajectory (every option not marked
+    ``trajectory=False``)."""
+    return common.trajectory_options(args, OPTIONS)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.warmup_ratio < 1.0:
-        parser.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.batch_size % args.grad_accum:
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
-    if args.resume and args.overwrite:
-        parser.error("--resume and --overwrite exclude each other")
+    common.check_training_options(parser, args)
     tasks = SUITES[args.suite]
     if args.tasks:
         chosen = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -148,7 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # -- data --------------------------------------------------------------------------------------------
 def find_data_dir() -> Path:
-    return ROOT.parent / "shared" / "data" / "llm-adapters"
+    return common.ROOT.parent / "shared" / "data" / "llm-adapters"
 
 
 def read_examples(path: Path) -> list[dict[str, Any]]:
@@ -247,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     steps_per_epoch = len(train_batches(0)) if encoded else 0
     total_steps = steps_per_epoch * args.epochs
-    cfg = {k: v for k, v in vars(args).items() if k not in NON_TRAJECTORY}
+    cfg = trajectory_options(args)
     cfg.update(adapter=adapter_config.to_dict(), train=train_config.to_dict())
     ckpt_dir = out_dir / "checkpoints"
     pred_dir = out_dir / "predictions"
@@ -273,15 +280,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "parameters": trainer.count_parameters(state),
-        "versions": versions(),
-        "devices": device_info(),
+        "versions": common.versions(),
+        "devices": common.devices(),
     }
     t0 = time.perf_counter()
     history: list[dict] = []
     timing: dict[str, Any] = {}
     resumed_from = None
     if total_steps:
-        progress = Progress(total_steps, (checkpointer.latest_step() or 0) if args.resume else 0,
+        progress = common.Progress(total_steps, (checkpointer.latest_step() or 0) if args.resume else 0,
                             f"{args.suite}/{args.method}", not args.no_progress)
         try:
             result = train.fit(trainer, state, train_batches=train_batches, epochs=args.epochs,
@@ -311,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model.module, eval_params, tok, [lm.prompt(r) for r in rows], max_new_tokens=args.max_new_tokens,
             stop=STOP, batch_size=args.eval_batch_size,
         )
-        write_json_atomic(pred_file, {"fingerprint": checkpointer.fingerprint, "responses": responses})
+        common.write_json_atomic(pred_file, {"fingerprint": checkpointer.fingerprint, "responses": responses})
         scores[task] = evaluate_task(task, rows, responses)
         print(f"{task}: accuracy {scores[task]['accuracy']:.4f} ({scores[task]['correct']}/{scores[task]['n']})")
     timing["eval_s"] = time.perf_counter() - t1
@@ -325,13 +332,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scores": scores,
         "timing": timing,
         "resumed_from_step": resumed_from,
-        "spectrum": {} if args.zero_shot else per_layer_spectrum(
+        "spectrum": {} if args.zero_shot else common.per_layer_spectrum(
             sora_jax.spectrum(jax.device_get(params), adapter), model.stacked
         ),
     }
     if not args.zero_shot:
         sora_jax.save_adapter(adapter, out_dir / "adapter")
-    write_json_atomic(out_dir / "results.json", results)
+    common.write_json_atomic(out_dir / "results.json", results)
     print(f"{args.suite}/{args.method}: average accuracy {average:.4f}; results in {out_dir / 'results.json'}")
     return results
 
@@ -346,17 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reasoning.py: error: --remat {args.remat} rematerialises scanned blocks; add --scan-layers",
               file=sys.stderr)
         return 2
-    try:
-        compile_cache.enable(args.compile_cache)
-    except OSError as e:
-        print(f"reasoning.py: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(args)
-    except USER_ERRORS as e:
-        print(f"reasoning.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return common.run_command("reasoning.py", args.compile_cache, lambda: run(args), USER_ERRORS)
 
 
 if __name__ == "__main__":

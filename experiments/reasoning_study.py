@@ -25,7 +25,6 @@ reads only that folder.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -35,9 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import reproduce  # the grid machinery (keep, train, load_result) shared with the GLUE reproduction
+from experiments import common, reproduce  # reproduce: the grid machinery (train, load_result) of both studies
 
-ROOT = reproduce.ROOT
+ROOT = common.ROOT
 HERE = ROOT / "experiments" / "reasoning_study"
 RESULTS = HERE / "results"
 SCRATCH = ROOT / "runs" / "reasoning-study"
@@ -185,7 +184,7 @@ def rank(suite: str, output_dir: Path) -> None:
         print(f"{task}: accuracy {accuracy[task]:.4f} ({correct}/{len(rows)})", flush=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     for task, preds in predictions.items():
-        reproduce._write(output_dir / "predictions" / f"{task}.json", json.dumps(preds, indent=1))
+        common.write_json_atomic(output_dir / "predictions" / f"{task}.json", preds, indent=1)
     res = {
         "config": {"suite": suite, "model": s.model, "scoring": "log-likelihood of each offered answer",
                    "max_eval_samples": s.eval_samples},
@@ -195,7 +194,7 @@ def rank(suite: str, output_dir: Path) -> None:
         "scores": scores,
         "timing": {"train_wall_s": 0.0, "eval_s": time.time() - t0},
     }  # fmt: skip
-    reproduce._write(output_dir / "results.json", json.dumps(res, indent=1))
+    common.write_json_atomic(output_dir / "results.json", res, indent=1)
 
 
 def suite_table(suite: str) -> list[str]:
@@ -275,13 +274,8 @@ def report() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="train the next unfinished runs of the study")
-    r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (default: all)")
-    r.add_argument("--keep-scratch", action="store_true", help="keep runs/reasoning-study/<id> after a run is kept")
+    p, sub, r = reproduce.grid_parser(__doc__, "study", "runs/reasoning-study")
     r.add_argument("--suite", choices=sorted(SUITES), default=None, help="only this suite's runs")
-    sub.add_parser("plan", help="list every planned run and whether it is finished")
     rk = sub.add_parser("rank", help="one zero-shot run scoring the offered answers by log-likelihood")
     rk.add_argument("--suite", choices=["commonsense"], required=True)
     rk.add_argument("--output-dir", type=Path, required=True)
@@ -310,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     text = report()
-    reproduce._write(HERE / "README.md", PREAMBLE + text + "\n")
+    common.write_text_atomic(HERE / "README.md", PREAMBLE + text + "\n")
     print(text)
     return 0
 

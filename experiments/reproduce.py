@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import common
+from experiments.common import ROOT
+
 HERE = ROOT / "experiments" / "reproduction"
 RESULTS = HERE / "results"
 SCRATCH = ROOT / "runs" / "reproduce"
@@ -126,9 +128,9 @@ class Run:
 
 
 # -- kept results ------------------------------------------------------------------------------------
-def load_result(run_id: str, results: Path = RESULTS) -> dict[str, Any] | None:
-    """The kept ``results.json`` of a finished run, else ``None``."""
-    path = results / run_id / "results.json"
+def load_result(run_id: str, results: Path | None = None) -> dict[str, Any] | None:
+    """The kept ``results.json`` of a finished run (in ``results``, default :data:`RESULTS`), else ``None``."""
+    path = (RESULTS if results is None else results) / run_id / "results.json"
     if not path.exists():
         return None
     try:
@@ -184,9 +186,10 @@ def plan() -> list[Run]:
     return [r for r in runs if not (r.id in seen or seen.add(r.id))]
 
 
-def keep(run_id: str, scratch: Path, results: Path = RESULTS, files: Sequence[str] = KEPT_FILES) -> None:
-    """Copy a finished run's small outputs (files or folders) into ``results/<run_id>``, atomically (a
-    folder renamed into place)."""
+def keep(run_id: str, scratch: Path, results: Path | None = None, files: Sequence[str] = KEPT_FILES) -> None:
+    """Copy a finished run's small outputs (files or folders) into ``results/<run_id>`` (default
+    :data:`RESULTS`), atomically (a folder renamed into place)."""
+    results = RESULTS if results is None else results
     dest = results / run_id
     tmp = results / f".{run_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -207,14 +210,14 @@ def train(
     keep_scratch: bool,
     *,
     script: str = "glue.py",
-    results: Path = RESULTS,
+    results: Path | None = None,
     scratch_root: Path = SCRATCH,
     files: Sequence[str] = KEPT_FILES,
     tag: str = "reproduce",
 ) -> int:
-    """Train the unfinished runs in order, each in its own ``experiments/<script>`` process (a run is
-    anything with ``id``, ``part`` and ``argv(output_dir)``, and may name its own ``script``); returns
-    how many ran."""
+    """Train the unfinished runs in order, each in its own ``python -m experiments.<script>`` process in this
+    checkout (a run is anything with ``id``, ``part`` and ``argv(output_dir)``, and may name its own
+    ``script``); returns how many ran."""
     done = 0
     for run in runs:
         if load_result(run.id, results) is not None:
@@ -222,7 +225,7 @@ def train(
         if max_runs is not None and done >= max_runs:
             break
         scratch = scratch_root / run.id
-        argv = [sys.executable, str(ROOT / "experiments" / getattr(run, "script", script)), *run.argv(scratch)]
+        argv = [sys.executable, "-m", f"experiments.{Path(getattr(run, 'script', script)).stem}", *run.argv(scratch)]
         if (scratch / "checkpoints").exists() and any((scratch / "checkpoints").iterdir()):
             argv.append("--resume")
         else:
@@ -342,7 +345,7 @@ def report(n_boot: int = 1000) -> str:
     if lrs is None:
         lines.append("The pilot is not finished: no rate is chosen and no other run is planned yet.")
         text = "\n".join(lines) + "\n"
-        _write(HERE / "README.md", text)
+        common.write_text_atomic(HERE / "README.md", text)
         return text
     lines += [f"Chosen: adapters lr {lrs['adapter']:g}, full fine-tuning lr {lrs['full']:g}.", ""]
     by = table2_results(lrs)
@@ -400,7 +403,7 @@ def report(n_boot: int = 1000) -> str:
         lines.append("")
     lines += speed_table()
     text = "\n".join(lines) + "\n"
-    _write(HERE / "README.md", text)
+    common.write_text_atomic(HERE / "README.md", text)
     return text
 
 
@@ -536,20 +539,21 @@ def speed_table() -> list[str]:
     return [*lines, ""]
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def grid_parser(doc: str, what: str, scratch: str) -> tuple[argparse.ArgumentParser, Any, argparse.ArgumentParser]:
+    """The command line of a resumable grid: the parser, its subparsers (``run`` and ``plan`` made; the caller
+    adds ``report`` and any other) and the ``run`` subparser. ``what``: "grid" or "study"; ``scratch``: the
+    folder runs train in."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help=f"train the next unfinished runs of the {what}")
+    r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (default: all)")
+    r.add_argument("--keep-scratch", action="store_true", help=f"keep {scratch}/<id> after a run is kept")
+    sub.add_parser("plan", help="list every planned run and whether it is finished")
+    return p, sub, r
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="train the next unfinished runs of the grid")
-    r.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (default: all)")
-    r.add_argument("--keep-scratch", action="store_true", help="keep runs/reproduce/<id> after a run is kept")
-    sub.add_parser("plan", help="list every planned run and whether it is finished")
+    p, sub, _ = grid_parser(__doc__, "grid", "runs/reproduce")
     rep = sub.add_parser("report", help="regenerate report.md and the figures from the kept results")
     rep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
     args = p.parse_args(argv)

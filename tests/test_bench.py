@@ -160,11 +160,8 @@ def test_bench_decoder_quick(tmp_path):
 def test_bench_decoder_arguments(capsys):
     """Causal LMs default to 8 x 256 on the activation path; encoders keep 32 x 128; a one-token generation
     cannot give a decode step."""
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    from experiments import bench
+
     args = bench.parse_args(["--model", "smollm2"])
     assert (args.batch, args.seq, args.paths) == (8, 256, "activation")
     args = bench.parse_args(["--synthetic", "gemma", "--batch", "4", "--seq", "128"])
@@ -178,11 +175,8 @@ def test_bench_decoder_arguments(capsys):
 
 
 def test_bench_rejects_unknown_method(capsys):
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(BENCH.parent))
+    from experiments import bench
+
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "lora,bogus"])
     assert "unknown method 'bogus'" in capsys.readouterr().err

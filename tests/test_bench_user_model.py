@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_user_model_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_user_model", ROOT / "experiments" / "bench_user_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_user_model"] = mod  # flax.linen's dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    from experiments import bench_user_model as mod
+
     out = tmp_path / "b.json"
     mod.main(["--quick", "--methods", "lora", "--out", str(out)])
     report = json.loads(out.read_text())

@@ -7,7 +7,6 @@ first rows of MRPC from the shared GLUE copy when present, else ``synthetic_glue
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -30,10 +29,9 @@ PUNCT = ".,'\"!?-&;:()$%/"
 
 @pytest.fixture(scope="module")
 def glue_cli():
-    spec = importlib.util.spec_from_file_location("glue_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from experiments import glue
+
+    return glue
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ for that setting. Data: ``../shared/data/glue`` when present, else a synthetic S
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,8 +18,6 @@ import pytest
 
 from sora_jax.data import glue as data
 from tests.synthetic_glue import synthetic_glue_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +30,8 @@ def stsb_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_default_setting_beats_constant_prediction_on_stsb(tmp_path: Path, stsb_dir: Path) -> None:
-    spec = importlib.util.spec_from_file_location("glue_cli_learns", ROOT / "experiments" / "glue.py")
-    glue = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(glue)
+    from experiments import glue
+
     out = tmp_path / "run"
     argv = [
         "--method", "sora", "--task", "stsb", "--data-dir", str(stsb_dir), "--epochs", "2",

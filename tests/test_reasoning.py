@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -14,8 +13,6 @@ import pytest
 import transformers
 
 from sora_jax import lm
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the chunked loss ------------------------------------------------------------------------------------
@@ -138,8 +135,7 @@ def tiny_data_dir(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reasoning():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import reasoning
+    from experiments import reasoning
 
     return reasoning
 

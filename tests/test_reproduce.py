@@ -4,8 +4,8 @@ and figure), on fabricated results in a temporary folder."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def rep(tmp_path: Path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("reproduce_cli", ROOT / "experiments" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    from experiments import reproduce as module
+
     monkeypatch.setattr(module, "HERE", tmp_path / "reproduction")
     monkeypatch.setattr(module, "RESULTS", tmp_path / "reproduction" / "results")
     return module
@@ -79,6 +77,27 @@ def test_plan_grows_after_the_pilot_and_skips_finished_runs(rep):
     finished = [r for r in full if rep.load_result(r.id) is not None]
     assert len(finished) == 9  # the pilot, three of whose runs are Table 2 cells
     assert rep.train(finished, max_runs=None, keep_scratch=False) == 0  # finished runs never train again
+
+
+def test_train_runs_each_run_as_a_module_of_this_checkout(rep, tmp_path: Path, monkeypatch):
+    """Each run is ``python -m experiments.<script>`` in the repository root (this checkout's code, installed or
+    not); its kept files are copied once it finishes."""
+    calls = []
+
+    def fake_subprocess_run(argv, cwd):
+        calls.append((argv, cwd))
+        out = Path(argv[argv.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"finished": True}))
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(rep.subprocess, "run", fake_subprocess_run)
+    run = rep.Run("mrpc", "lora", 1e-3, 0)
+    assert rep.train([run], None, False, results=tmp_path / "kept", scratch_root=tmp_path / "scratch") == 1
+    (argv, cwd), = calls
+    assert argv[:3] == [sys.executable, "-m", "experiments.glue"] and argv[-1] == "--overwrite" and cwd == ROOT
+    assert rep.load_result(run.id, tmp_path / "kept") == {"finished": True}
+    assert not (tmp_path / "scratch" / run.id).exists()  # scratch removed once kept
 
 
 def test_paired_bootstrap_verdicts(rep):

@@ -9,7 +9,6 @@ from PEFT's within 60 steps on this model, while the same setting agrees to 5e-5
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -22,15 +21,13 @@ import transformers
 import sora_jax
 from sora_jax import train
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, SEQ, LR, R, ALPHA = 60, 8, 12, 1e-2, 4, 8.0
 
 
 def _glue_cli():
-    spec = importlib.util.spec_from_file_location("glue_cli_parity", ROOT / "experiments" / "glue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from experiments import glue
+
+    return glue
 
 
 def _batches(vocab: int) -> list[dict[str, np.ndarray]]:
