@@ -219,7 +219,8 @@ def evaluate_task(task: str, examples: list[dict], responses: list[str]) -> dict
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (unless ``--zero-shot``) and evaluate one configuration; returns (and writes) its results."""
     tag = Path(args.model.rstrip("/")).name.replace("/", "_")
-    out_dir = Path(args.output_dir or Path("runs") / f"{args.suite}-{args.method}-{tag}-s{args.seed}")
+    name = "zero_shot" if args.zero_shot else args.method  # the base model: no method
+    out_dir = Path(args.output_dir or Path("runs") / f"{args.suite}-{name}-{tag}-s{args.seed}")
     data_dir = Path(args.data_dir) if args.data_dir else find_data_dir()
     tasks = args.tasks.split(",") if args.tasks else list(SUITES[args.suite])
     # data first: a missing or malformed file fails before the model is loaded
@@ -339,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.zero_shot:
         sora_jax.save_adapter(adapter, out_dir / "adapter")
     common.write_json_atomic(out_dir / "results.json", results)
-    print(f"{args.suite}/{args.method}: average accuracy {average:.4f}; results in {out_dir / 'results.json'}")
+    print(f"{args.suite}/{name}: average accuracy {average:.4f}; results in {out_dir / 'results.json'}")
     return results
 
 

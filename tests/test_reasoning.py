@@ -163,6 +163,22 @@ def test_reasoning_end_to_end_and_resume(tmp_path, reasoning):
     assert again["accuracy"] == res["accuracy"] and again["resumed_from_step"] == 6
 
 
+def test_reasoning_zero_shot_evaluates_the_base_model(tmp_path, reasoning, monkeypatch, capsys):
+    """``--zero-shot``: no training, no adapter, no spectrum; the run is named for the base model, not for
+    the (unused) default method."""
+    model = tiny_model_dir(tmp_path / "model")
+    data = tiny_data_dir(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--suite", "commonsense", "--model", str(model), "--data-dir", str(data), "--tasks", "boolq",
+            "--zero-shot", "--max-eval-samples", "3", "--max-new-tokens", "4", "--no-progress"]  # fmt: skip
+    assert reasoning.main(argv) == 0
+    out = tmp_path / "runs" / "commonsense-zero_shot-model-s0"
+    res = json.loads((out / "results.json").read_text())
+    assert res["finished"] and res["spectrum"] == {} and res["scores"]["boolq"]["n"] == 3
+    assert not (out / "adapter").exists()
+    assert "commonsense/zero_shot: average accuracy" in capsys.readouterr().out
+
+
 def test_reasoning_bad_input_is_one_clear_error(tmp_path, reasoning, capsys):
     assert reasoning.main(["--suite", "math", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "math/gsm8k/test.json does not exist; pass --data-dir" in capsys.readouterr().err
