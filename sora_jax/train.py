@@ -22,6 +22,12 @@ Loss: cross-entropy, or squared error for regression (``num_labels == 1``), aver
 micro-batches ``(B / grad_accum, ...)`` scanned inside one jitted step; the summed weighted gradient is
 divided by the summed weight, so the update equals the one of the whole batch.
 
+Layers: :func:`make_train_step` gives the run as pure functions (:class:`TrainStep`: initial state,
+step, evaluation; jit them, ``vmap`` or ``shard`` them as you like, no class needed); :class:`Trainer`
+binds them to one model's parameters and a mesh (the split into frozen and head, placement, one jitted
+step, host batches to the device); :func:`fit` is the loop over ``Trainer.train_step`` (epochs,
+checkpoints, resume, NaN handling, step timing).
+
 Usage::
 
     trainer = Trainer(model.apply, model.params, num_labels=2, total_steps=300,
@@ -183,6 +189,14 @@ def _decay_mask(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(lambda kp, _: path_str(kp)[-1] not in ("bias", "scale"), tree)
 
 
+def _group_labels(trainable: PyTree) -> PyTree:
+    """``"head"`` for the leaves under ``trainable["head"]``, ``"body"`` for the rest (one label per leaf;
+    a tree that is one leaf, such as the stand-in ``optax.tree_map_params`` passes, is ``"body"``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: "head" if path_str(kp)[:1] == ("head",) else "body", trainable
+    )
+
+
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW with two learning-rate schedules: ``trainable["head"]`` at ``head_lr``, the rest at ``lr``."""
 
@@ -197,8 +211,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
         )
 
     head_lr = config.lr if config.head_lr is None else config.head_lr
-    labels = lambda t: {k: jax.tree.map(lambda _, k=k: "head" if k == "head" else "body", v) for k, v in t.items()}  # noqa: E731
-    tx = optax.multi_transform({"body": adamw(config.lr), "head": adamw(head_lr)}, labels)
+    tx = optax.multi_transform({"body": adamw(config.lr), "head": adamw(head_lr)}, _group_labels)
     # the same state structure with and without clipping, so that a run can resume with a clip added
     clip = optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
     return optax.chain(clip, tx)
@@ -238,9 +251,182 @@ def step_time_stats(times: Sequence[float], compile_times: Sequence[float] = ())
     return stats
 
 
+# -- the step as pure functions ------------------------------------------------------------------------
+def forward(
+    apply_fn: Callable[..., dict[str, Array]],
+    trainable: dict,
+    frozen: dict,
+    inputs: dict,
+    rng: Array | None,
+    config: TrainConfig,
+) -> tuple[dict, dict]:
+    """``(the model's output dict, the parameters it ran with)`` for one batch of model ``inputs``.
+
+    ``trainable`` is ``{"base", "head"}`` (full fine-tuning: the model runs with ``base + head``) or
+    ``{"adapter", "head"}`` (the model runs with ``frozen + head``, the adapter on its activations through
+    :func:`sora_jax.adapted_dense`, or on its weights with ``config.path == "weight"``). ``rng`` (a key):
+    training, with the model's dropout when ``config.dropout`` and the adapter's own; ``None``: evaluation.
+    """
+    train = rng is not None and config.dropout
+    kwargs: dict[str, Any] = {"deterministic": not train}
+    if train:
+        kwargs["rngs"] = {"dropout": jax.random.fold_in(rng, 0)}
+    if "base" in trainable:
+        params = combine(trainable["base"], trainable["head"])
+        return apply_fn(params, **kwargs, **inputs), params
+    adapter = trainable["adapter"]
+    params = combine(frozen, trainable["head"])
+    if config.path == "weight":
+        params = apply_adapter(params, adapter)
+        return apply_fn(params, **kwargs, **inputs), params
+    lora_rng = None if rng is None else jax.random.fold_in(rng, 1)
+    dense_fn = adapted_dense(adapter, lora_rng, fused=config.fused)
+    return apply_fn(params, dense_fn=dense_fn, **kwargs, **inputs), params
+
+
+def accumulated_grads(
+    loss_fn: Callable[[dict, Batch, Array], tuple[Array, Array]], trainable: dict, batch: Batch, key: Array, accum: int
+) -> tuple[Array, Array, dict]:
+    """``(sum of weighted losses, sum of weights, gradient of the first)`` of ``loss_fn(trainable, batch,
+    key) -> (lsum, wsum)`` over ``batch (B, ...)``; with ``accum > 1`` as ``accum`` micro-batches
+    ``(B / accum, ...)`` scanned in order, micro-batch ``i`` with key ``fold_in(key, i)``."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (lsum, wsum), gsum = grad_fn(trainable, batch, key)
+        return lsum, wsum, gsum
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), dict(batch))
+
+    def body(carry, xs):
+        g_acc, l_acc, w_acc = carry
+        mb, i = xs
+        (l, w), g = grad_fn(trainable, mb, jax.random.fold_in(key, i))
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (gsum, lsum, wsum), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
+    return lsum, wsum, gsum
+
+
+class TrainStep(NamedTuple):
+    """One training setup as pure functions (optax style): they hold no state and each can be jitted.
+
+    Attributes:
+      init_trainable: ``init_trainable(key, frozen, head) -> trainable``: with an adapter ``{"adapter":
+        init_adapter(fold_in(key, 0), frozen, config), "head": head}``, with full fine-tuning ``{"base":
+        frozen, "head": head}``; every leaf a fresh buffer (the state is donated to the step).
+      init: ``init(trainable, key) -> TrainState`` at step 0, the optimizer state of ``trainable``
+        (placed like it), the dropout key ``fold_in(key, 1)``.
+      step: ``step(state, frozen, batch) -> (state, loss)``: one optimizer step over ``batch`` (model
+        inputs, ``labels``, ``weights``; host-only keys removed), ``loss`` the batch's weighted mean.
+      eval: ``eval(trainable, frozen, batch) -> logits (B, num_labels)`` without dropout.
+      tx: the optimizer (:func:`make_optimizer`).
+    """
+
+    init_trainable: Callable[[Array, dict, dict], dict]
+    init: Callable[[dict, Array], TrainState]
+    step: Callable[[TrainState, dict, Batch], tuple[TrainState, Array]]
+    eval: Callable[[dict, dict, Batch], Array]
+    tx: optax.GradientTransformation
+
+
+def make_train_step(
+    apply_fn: Callable[..., dict[str, Array]],
+    *,
+    total_steps: int,
+    adapter_config: AdapterConfig | None = None,
+    config: TrainConfig = TrainConfig(),
+    loss_fn: Callable[[dict[str, Array], Batch, dict], tuple[Array, Array]] | None = None,
+) -> TrainStep:
+    """The pure functions of training ``apply_fn``'s model with ``adapter_config`` (``None``: every
+    parameter), see :class:`TrainStep` and :class:`Trainer` for the arguments.
+
+    Usage without :class:`Trainer`::
+
+        frozen, head = split_trainable(params, ["classifier"])
+        ts = make_train_step(model.apply, total_steps=100, adapter_config=config)
+        key = jax.random.key(0)
+        state = ts.init(ts.init_trainable(key, frozen, head), key)
+        step = jax.jit(ts.step, donate_argnums=0)
+        state, loss = step(state, frozen, model_inputs_and_targets)
+    """
+    tx = make_optimizer(config, total_steps)
+    full = adapter_config is None
+
+    def init_trainable(key: Array, frozen: dict, head: dict) -> dict:
+        head = jax.tree.map(jnp.array, head)
+        if full:
+            trainable = {"base": frozen, "head": head}
+        else:
+            trainable = {"adapter": init_adapter(jax.random.fold_in(key, 0), frozen, adapter_config), "head": head}
+        # every leaf its own buffer (the state is donated; init_adapter's D may share C's buffer)
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), trainable)
+
+    def init(trainable: dict, key: Array) -> TrainState:
+        rng = jax.random.key_data(jax.random.fold_in(key, 1))
+        return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), rng)
+
+    def loss(trainable: dict, frozen: dict, batch: Batch, rng: Array) -> tuple[Array, Array]:
+        out, params = forward(apply_fn, trainable, frozen, model_inputs(batch), rng, config)
+        if loss_fn is not None:
+            return loss_fn(out, batch, params)
+        return loss_sums(out["logits"], batch["labels"], batch["weights"])
+
+    def step(state: TrainState, frozen: dict, batch: Batch) -> tuple[TrainState, Array]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        lsum, wsum, gsum = accumulated_grads(
+            lambda t, b, k: loss(t, frozen, b, k), state.trainable, batch, key, config.grad_accum
+        )
+        denom = jnp.maximum(wsum, 1e-12)
+        grads = jax.tree.map(lambda g: g / denom, gsum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return TrainState(state.step + 1, trainable, opt_state, state.rng), lsum / denom
+
+    def eval(trainable: dict, frozen: dict, batch: Batch) -> Array:
+        return forward(apply_fn, trainable, frozen, model_inputs(batch), None, config)[0]["logits"]
+
+    return TrainStep(init_trainable, init, step, eval, tx)
+
+
+# -- placement on a mesh -----------------------------------------------------------------------------------
+def trainable_shardings(trainable: dict[str, Any], frozen: dict, mesh: Any, *, shard_adapter: bool = True) -> dict:
+    """A ``NamedSharding`` per leaf of ``trainable``: the head and a full fine-tuning base as
+    :func:`sora_jax.sharding.param_shardings`, the adapter with its base kernels in ``frozen``
+    (:func:`sora_jax.sharding.adapter_shardings`; ``shard_adapter=False``: replicated)."""
+    from sora_jax import sharding
+
+    out = {"head": sharding.param_shardings(trainable["head"], mesh)}
+    if "base" in trainable:
+        out["base"] = sharding.param_shardings(trainable["base"], mesh)
+    else:
+        out["adapter"] = sharding.adapter_shardings(trainable["adapter"], frozen, mesh, shard=shard_adapter)
+    return out
+
+
+def state_shardings(tx: optax.GradientTransformation, state: TrainState, train_sh: dict, mesh: Any) -> TrainState:
+    """Shardings of a whole state: the trainable leaves as ``train_sh``, every copy of the parameter tree
+    in the optimizer state (Adam's moments) like the parameters (``optax.tree_map_params``), the rest
+    (counts, step, key) replicated."""
+    from sora_jax import sharding
+
+    rep = sharding.replicated(mesh)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda leaf, sh: leaf if masked(leaf) else sh,  # multi_transform holds a MaskedNode for the other group
+        state.opt_state,
+        train_sh,
+        transform_non_params=lambda _: rep,
+        is_leaf=masked,
+    )
+    return TrainState(rep, train_sh, opt_sh, rep)
+
+
 # -- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
-    """Jitted train and eval steps for one model + adapter (or full fine-tuning).
+    """The functions of :func:`make_train_step` bound to one model, its parameters and a mesh: splits the
+    parameters, places them, jits the step once (state donated) and moves host batches to the device.
 
     Args:
       apply_fn: ``apply_fn(params, *, dense_fn=None, deterministic=True, rngs=None, **inputs) ->
@@ -287,13 +473,16 @@ class Trainer:
         # full fine-tuning: nothing is frozen, the base parameters only seed the trainable state
         self._base = frozen if self.full else None
         self.frozen = {} if self.full else frozen
-        self.tx = make_optimizer(config, total_steps)
+        self.fns = make_train_step(
+            apply_fn, total_steps=total_steps, adapter_config=adapter_config, config=config, loss_fn=loss_fn
+        )
+        self.tx = self.fns.tx
         if mesh is not None and not self.full:
             from sora_jax import sharding
 
             self.frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
         self._train_fn: Callable | None = None
-        self._eval_fn = jax.jit(self._logits)
+        self._eval_fn = jax.jit(self.fns.eval)
 
     @property
     def full(self) -> bool:
@@ -304,56 +493,21 @@ class Trainer:
         """A fresh state: adapter from ``init_adapter(fold_in(key(seed), 0))``, dropout key
         ``fold_in(key(seed), 1)``, the head copied from the pretrained parameters."""
         key = jax.random.key(seed)
-        head = jax.tree.map(jnp.array, self._head)
-        if self.full:
-            trainable = {"base": self._base, "head": head}
-        else:
-            adapter = init_adapter(jax.random.fold_in(key, 0), self.frozen, self.adapter_config)
-            trainable = {"adapter": adapter, "head": head}
-        # every leaf its own buffer (the state is donated; init_adapter's D may share C's buffer)
-        trainable = jax.tree.map(lambda x: jnp.array(x, copy=True), trainable)
+        trainable = self.fns.init_trainable(key, self._base if self.full else self.frozen, self._head)
         if self.mesh is not None:
             trainable = jax.device_put(trainable, self.trainable_shardings(trainable))
-        opt_state = self.tx.init(trainable)
-        rng = jax.random.key_data(jax.random.fold_in(key, 1))
-        state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state, rng)
+        state = self.fns.init(trainable, key)
         if self.mesh is not None:
             state = jax.device_put(state, self.state_shardings(state))
         return state
 
     def trainable_shardings(self, trainable: dict[str, Any]) -> dict[str, Any]:
-        from sora_jax import sharding
-
-        out = {"head": sharding.param_shardings(trainable["head"], self.mesh)}
-        if self.full:
-            out["base"] = sharding.param_shardings(trainable["base"], self.mesh)
-        else:
-            out["adapter"] = sharding.adapter_shardings(
-                trainable["adapter"], self.frozen, self.mesh, shard=self.shard_adapter
-            )
-        return out
+        """:func:`trainable_shardings` on this trainer's mesh."""
+        return trainable_shardings(trainable, self.frozen, self.mesh, shard_adapter=self.shard_adapter)
 
     def state_shardings(self, state: TrainState) -> TrainState:
-        """Shardings of a whole state: trainable leaves as configured, each optimizer moment like its
-        parameter (matched by the parameter's key path, a suffix of the moment's), scalars replicated."""
-        from sora_jax import sharding
-
-        train_sh = self.trainable_shardings(state.trainable)
-        rep = sharding.replicated(self.mesh)
-        is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
-        by_path = {
-            path_str(kp): sh for kp, sh in jax.tree_util.tree_flatten_with_path(train_sh, is_leaf=is_sharding)[0]
-        }
-
-        def moment(keypath: Sequence[Any], leaf: Any) -> Any:
-            parts = path_str(keypath)
-            for k in range(len(parts)):
-                if parts[k:] in by_path:
-                    return by_path[parts[k:]]
-            return rep
-
-        opt_sh = jax.tree_util.tree_map_with_path(moment, state.opt_state)
-        return TrainState(rep, train_sh, opt_sh, rep)
+        """:func:`state_shardings` on this trainer's mesh."""
+        return state_shardings(self.tx, state, self.trainable_shardings(state.trainable), self.mesh)
 
     def params(self, state: TrainState) -> dict:
         """The model parameters for export: frozen + trained head (+ trained base with ``full``)."""
@@ -364,63 +518,7 @@ class Trainer:
     def adapter(self, state: TrainState) -> Adapter | None:
         return None if self.full else state.trainable["adapter"]
 
-    # -- forward -------------------------------------------------------------------------------
-    def _outputs(self, trainable: dict, frozen: dict, inputs: dict, rng: Array | None) -> tuple[dict, dict]:
-        """``(the model's output dict, the parameters it ran with)``."""
-        train = rng is not None and self.config.dropout
-        kwargs: dict[str, Any] = {"deterministic": not train}
-        if train:
-            kwargs["rngs"] = {"dropout": jax.random.fold_in(rng, 0)}
-        if self.full:
-            params = combine(trainable["base"], trainable["head"])
-            return self.apply_fn(params, **kwargs, **inputs), params
-        adapter = trainable["adapter"]
-        params = combine(frozen, trainable["head"])
-        if self.config.path == "weight":
-            params = apply_adapter(params, adapter)
-            return self.apply_fn(params, **kwargs, **inputs), params
-        lora_rng = None if rng is None else jax.random.fold_in(rng, 1)
-        dense_fn = adapted_dense(adapter, lora_rng, fused=self.config.fused)
-        return self.apply_fn(params, dense_fn=dense_fn, **kwargs, **inputs), params
-
-    def _forward(self, trainable: dict, frozen: dict, inputs: dict, rng: Array | None) -> Array:
-        return self._outputs(trainable, frozen, inputs, rng)[0]["logits"]
-
-    def _logits(self, trainable: dict, frozen: dict, batch: Batch) -> Array:
-        return self._forward(trainable, frozen, model_inputs(batch), None)
-
-    def _loss(self, trainable: dict, frozen: dict, batch: Batch, rng: Array) -> tuple[Array, Array]:
-        if self.loss_fn is not None:
-            outputs, params = self._outputs(trainable, frozen, model_inputs(batch), rng)
-            return self.loss_fn(outputs, batch, params)
-        logits = self._forward(trainable, frozen, model_inputs(batch), rng)
-        lsum, wsum = loss_sums(logits, batch["labels"], batch["weights"])
-        return lsum, wsum
-
-    def _train_step(self, state: TrainState, frozen: dict, batch: Batch) -> tuple[TrainState, Array]:
-        accum = self.config.grad_accum
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-        if accum == 1:
-            (lsum, wsum), gsum = grad_fn(state.trainable, frozen, batch, key)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), dict(batch))
-
-            def body(carry, xs):
-                g_acc, l_acc, w_acc = carry
-                mb, i = xs
-                (l, w), g = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(key, i))
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (gsum, lsum, wsum), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
-        denom = jnp.maximum(wsum, 1e-12)
-        grads = jax.tree.map(lambda g: g / denom, gsum)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        return TrainState(state.step + 1, trainable, opt_state, state.rng), lsum / denom
-
+    # -- steps -----------------------------------------------------------------------------------
     def jitted_train_step(self, state: TrainState) -> Callable:
         """The jitted ``step(state, frozen, device_batch) -> (state, loss)`` (``state`` donated), for
         ahead-of-time lowering (``.lower(...).compile()``) and benchmarks; :meth:`train_step` calls it."""
@@ -430,7 +528,7 @@ class Trainer:
                 from sora_jax import sharding
 
                 kwargs["out_shardings"] = (self.state_shardings(state), sharding.replicated(self.mesh))
-            self._train_fn = jax.jit(self._train_step, **kwargs)
+            self._train_fn = jax.jit(self.fns.step, **kwargs)
         return self._train_fn
 
     def put_batch(self, batch: Batch) -> dict[str, Any]:

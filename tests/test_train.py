@@ -26,6 +26,7 @@ from sora_jax.train import (
     fit,
     loss_sums,
     make_optimizer,
+    make_train_step,
     split_trainable,
 )
 
@@ -235,6 +236,33 @@ def test_full_finetuning_trains_every_parameter():
     ]
     assert all(changed)
     assert trainer.count_parameters(state)["percent"] == 100.0
+
+
+def test_pure_train_step_without_trainer_matches_trainer():
+    """make_train_step's functions, jitted by hand with no Trainer, give the Trainer's losses, parameters and
+    logits bit for bit (the Trainer is a facade over them); dropout on, so the keys must agree too."""
+    apply, params = tiny_model(dropout=0.1)
+    batches = make_batches(3)
+    cfg, ac = TrainConfig(lr=1e-2, grad_accum=2), adapter_config("dora")
+    trainer = Trainer(apply, params, num_labels=2, total_steps=3, adapter_config=ac, config=cfg)
+    s1, l1 = run_steps(trainer, batches)
+
+    ts = make_train_step(apply, total_steps=3, adapter_config=ac, config=cfg)
+    frozen, head = split_trainable(params, ac.modules_to_save)
+    key = jax.random.key(0)
+    state = ts.init(ts.init_trainable(key, frozen, head), key)
+    step = jax.jit(ts.step, donate_argnums=0)
+    l2 = []
+    for b in batches:
+        state, loss = step(state, frozen, {k: jnp.asarray(v) for k, v in b.items()})
+        l2.append(float(loss))
+    np.testing.assert_array_equal(l1, np.array(l2))
+    for a, b in zip(leaves_np(s1.trainable), leaves_np(state.trainable), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.step) == 3 and l2[-1] != l2[0]
+    logits = np.asarray(jax.jit(ts.eval)(state.trainable, frozen, {k: jnp.asarray(v) for k, v in batches[0].items()}))
+    np.testing.assert_array_equal(logits, trainer.predict(s1, batches[0]))
+    assert logits.shape == (8, 2)
 
 
 # -- fit: resume, NaN, config mismatch -----------------------------------------------------------------------
