@@ -372,7 +372,9 @@ def make_train_step(
             return loss_fn(out, batch, params)
         return loss_sums(out["logits"], batch["labels"], batch["weights"])
 
-    def step(state: TrainState, frozen: dict, batch: Batch) -> tuple[TrainState, Array]:
+    # the functions' names name their jitted programs and so the persistent compilation cache's entries
+    # (``jit__train_step-...``): kept as they were when these were Trainer methods
+    def _train_step(state: TrainState, frozen: dict, batch: Batch) -> tuple[TrainState, Array]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         lsum, wsum, gsum = accumulated_grads(
             lambda t, b, k: loss(t, frozen, b, k), state.trainable, batch, key, config.grad_accum
@@ -383,10 +385,10 @@ def make_train_step(
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state, state.rng), lsum / denom
 
-    def eval(trainable: dict, frozen: dict, batch: Batch) -> Array:
+    def _logits(trainable: dict, frozen: dict, batch: Batch) -> Array:
         return forward(apply_fn, trainable, frozen, model_inputs(batch), None, config)[0]["logits"]
 
-    return TrainStep(init_trainable, init, step, eval, tx)
+    return TrainStep(init_trainable, init, _train_step, _logits, tx)
 
 
 # -- placement on a mesh -----------------------------------------------------------------------------------

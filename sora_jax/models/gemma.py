@@ -34,31 +34,29 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sora_jax.activations import ACTIVATIONS
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.common import ModelFamily, at_layer, scan_blocks
-from sora_jax.models.llama import (
-    LayerCache,
-    LlamaConfig,
-    LlamaMLP,
-    _Block,
-    _check_inputs,
-    apply_rope,
-    check_cache,
-    decoder_mask,
-    last_non_pad_index,
-    rope_cos_sin,
-    rope_inv_freq,
-    update_cache,
+from sora_jax.models.common import ModelFamily
+from sora_jax.models.decoder import (
+    FULL,
+    SLIDING,
+    TASKS,
+    DecoderAttention,
+    DecoderForTask,
+    DecoderLayer,
+    DecoderStack,
+    GatedMLP,
+    build_decoder,
+    check_config,
 )
+from sora_jax.models.llama import LlamaConfig, rope_inv_freq
 from sora_jax.ops import default_dense
 
 Array = jax.Array
 
-TASKS = ("base", "causal_lm", "sequence_classification")
 VARIANTS = ("gemma", "gemma2", "gemma3_text")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = (FULL, SLIDING)
 ROPE_TYPES = ("default", "linear")
 
 
@@ -96,7 +94,7 @@ class GemmaConfig:
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     num_labels: int = 2
-    mlp_bias: bool = False  # Gemma has none; LlamaMLP reads it
+    mlp_bias: bool = False  # Gemma has none; the gated MLP reads it
     # execution, not architecture: the blocks under nn.scan (sora_jax.models.common.scan_blocks)
     scan_layers: bool = False
     remat: str = "none"
@@ -104,15 +102,7 @@ class GemmaConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"Unsupported Gemma variant {self.variant!r}; supported: {VARIANTS}.")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads}); fix the config."
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"Unsupported hidden_act {self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}.")
+        check_config(self)
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"Unsupported rope type {self.rope_type!r} for Gemma; supported: {ROPE_TYPES}. "
@@ -247,205 +237,72 @@ def softcapped_attention(
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
-class GemmaAttention(_Block):
-    """Grouped-query self-attention with rotary embeddings (QK-norm in Gemma 3, logit soft-capping in
-    Gemma 2). Params: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` as LLaMA; ``q_norm``/``k_norm
-    (head_dim,)`` in Gemma 3."""
+class GemmaAttention(DecoderAttention):
+    """Grouped-query self-attention with rotary embeddings (:class:`sora_jax.models.decoder.DecoderAttention`),
+    scale ``query_pre_attn_scalar ** -0.5``, QK-norm in Gemma 3, logit soft-capping in Gemma 2. Params:
+    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` as LLaMA; ``q_norm``/``k_norm (head_dim,)`` in Gemma 3."""
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        cos: Array,
-        sin: Array,
-        mask: Array,
-        deterministic: bool = True,
-        cache: LayerCache | None = None,
-        cache_index: Array | int = 0,
-    ) -> tuple[Array, LayerCache | None]:
-        """As :class:`sora_jax.models.llama.LlamaAttention`."""
+    norm_cls = GemmaRMSNorm
+
+    def normalize_qk(self, q: Array, k: Array) -> tuple[Array, Array]:
+        if not self.config.qk_norm:
+            return q, k
+        return self.norm_layer("q_norm")(q), self.norm_layer("k_norm")(k)
+
+    def attend(self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None) -> Array:
         c = self.config
-        b, t, _ = x.shape
-        q = self.linear(c.num_attention_heads * c.head_dim, c.attention_bias, "q_proj")(x)
-        k = self.linear(c.num_key_value_heads * c.head_dim, c.attention_bias, "k_proj")(x)
-        v = self.linear(c.num_key_value_heads * c.head_dim, c.attention_bias, "v_proj")(x)
-        q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
-        k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
-        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
-        if c.qk_norm:
-            norm_kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-            q = GemmaRMSNorm(**norm_kw, name="q_norm")(q)
-            k = GemmaRMSNorm(**norm_kw, name="k_norm")(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v, cache = update_cache(cache, k, v, cache_index)
-        rng = None if deterministic or c.attention_dropout == 0.0 else self.make_rng("dropout")
         scale = c.query_pre_attn_scalar**-0.5
         if c.attn_logit_softcapping is None:
-            out = dot_product_attention(
+            return dot_product_attention(
                 q, k, v, mask=mask, scale=scale, dropout_rate=c.attention_dropout, dropout_rng=rng
             )
-        else:
-            out = softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcapping, c.attention_dropout, rng)
-        out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
-        return self.linear(c.hidden_size, c.attention_bias, "o_proj")(out), cache
+        return softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcapping, c.attention_dropout, rng)
 
 
-class GemmaDecoderLayer(_Block):
+class GemmaDecoderLayer(DecoderLayer):
     """Gemma: ``x + attn(norm(x))``, ``x + mlp(norm(x))``. Gemma 2/3: ``x + norm(attn(norm(x)))``,
     ``x + norm(mlp(norm(x)))``."""
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        cos: Array,
-        sin: Array,
-        mask: Array,
-        deterministic: bool = True,
-        cache: LayerCache | None = None,
-        cache_index: Array | int = 0,
-        index: Array | None = None,
-    ) -> tuple[Array, LayerCache | None]:
-        c = self.config
-        kw = dict(config=c, dense_fn=at_layer(self.dense_fn, index), dtype=self.dtype, param_dtype=self.param_dtype)
-        norm_kw = dict(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GemmaRMSNorm(**norm_kw, name="input_layernorm")(x)
-        h, cache = GemmaAttention(**kw, name="self_attn")(h, cos, sin, mask, deterministic, cache, cache_index)
-        if c.sandwich_norms:
-            x = x + GemmaRMSNorm(**norm_kw, name="post_attention_layernorm")(h)
-            h = GemmaRMSNorm(**norm_kw, name="pre_feedforward_layernorm")(x)
-            h = GemmaRMSNorm(**norm_kw, name="post_feedforward_layernorm")(LlamaMLP(**kw, name="mlp")(h))
-            return x + h, cache
-        x = x + h
-        h = GemmaRMSNorm(**norm_kw, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(**kw, name="mlp")(h), cache
+    norm_cls = GemmaRMSNorm
+    attention_cls = GemmaAttention
+    mlp_cls = GatedMLP
+
+    def sandwich_norms(self) -> bool:
+        return self.config.sandwich_norms
 
 
-class GemmaModel(_Block):
-    """The decoder stack. Params: ``embed_tokens/embedding (vocab, hidden)``, ``layers_{i}/...``,
-    ``norm/scale (hidden,)``."""
+class GemmaModel(DecoderStack):
+    """The decoder stack: input embeddings scaled by ``sqrt(hidden_size)``, layers by ``layer_types``
+    (sliding ones see the last ``sliding_window`` positions, with their own rotary base in Gemma 3).
+    Params: ``embed_tokens/embedding (vocab, hidden)``, ``layers_{i}/...``, ``norm/scale (hidden,)``."""
 
-    def setup(self) -> None:
-        c = self.config
-        kw = dict(config=c, dense_fn=self.dense_fn, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = nn.Embed(
-            c.vocab_size,
-            c.hidden_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=nn.initializers.normal(c.initializer_range),
-        )
-        if c.scan_layers:
-            self.layers = GemmaDecoderLayer(**kw)
-        else:
-            self.layers = [GemmaDecoderLayer(**kw) for _ in range(c.num_hidden_layers)]
-        self.norm = GemmaRMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm_cls = GemmaRMSNorm
+    layer_cls = GemmaDecoderLayer
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        position_ids: Array | None = None,
-        deterministic: bool = True,
-        cache: list[LayerCache] | None = None,
-        cache_index: Array | int = 0,
-    ) -> dict[str, Any]:
-        """As :meth:`sora_jax.models.llama.LlamaModel.__call__`."""
-        c = self.config
-        _check_inputs(input_ids, attention_mask if cache is None else None, position_ids)
-        b, t = input_ids.shape
-        if position_ids is None:
-            position_ids = jnp.arange(t)[None, :] + jnp.asarray(cache_index)
-        position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (b, t))
-        keys = t if cache is None else check_cache(cache, c.num_hidden_layers, attention_mask, b)
-        rope, masks = {}, {}
-        for kind in sorted(set(c.layer_types)):
-            rope[kind] = rope_cos_sin(position_ids, rope_inv_freq(c.rope(kind)), self.dtype)
-            window = c.sliding_window if kind == "sliding_attention" else None
-            masks[kind] = decoder_mask(attention_mask, b, t, keys, cache_index, window)
-        scale = jnp.asarray(math.sqrt(c.hidden_size), self.param_dtype).astype(self.dtype)
-        h = self.embed_tokens(input_ids) * scale
-        if c.scan_layers:
-            h, new_cache = self._scanned(h, rope, masks, deterministic, cache, cache_index)
-        else:
-            new_cache = []
-            for i, layer in enumerate(self.layers):
-                kind = c.layer_types[i]
-                layer_cache = None if cache is None else cache[i]
-                h, layer_cache = layer(h, *rope[kind], masks[kind], deterministic, layer_cache, cache_index)
-                new_cache.append(layer_cache)
-        out: dict[str, Any] = {"last_hidden_state": self.norm(h)}
-        if cache is not None:
-            out["cache"] = new_cache
-        return out
+    def layer_types(self) -> tuple[str, ...]:
+        return self.config.layer_types
 
-    def _scanned(
-        self, h: Array, rope: dict, masks: dict, deterministic: bool, cache: list | None, cache_index: Array | int
-    ) -> tuple[Array, list]:
-        """The blocks under ``nn.scan``; with several layer types each block gets its type's rotary table and
-        mask as scanned inputs (stacked per layer), else one broadcast pair."""
-        c = self.config
-        kinds = c.layer_types
-        stacked_cache = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *cache)
-        per_layer: dict[str, Any] = {"cache": stacked_cache}
-        shared: dict[str, Any] = {}
-        if len(set(kinds)) == 1:
-            shared.update(cos=rope[kinds[0]][0], sin=rope[kinds[0]][1], mask=masks[kinds[0]])
-        else:
-            per_layer.update(
-                cos=jnp.stack([rope[k][0] for k in kinds]),
-                sin=jnp.stack([rope[k][1] for k in kinds]),
-                mask=jnp.stack([masks[k] for k in kinds]),
-            )
-        h, stacked = scan_blocks(
-            self.layers, h, c.num_hidden_layers, remat=c.remat, scanned=per_layer, deterministic=deterministic,
-            cache_index=cache_index, **shared,
-        )
-        return h, [] if cache is None else [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(cache))]
+    def inv_freq(self, layer_type: str) -> np.ndarray:
+        return rope_inv_freq(self.config.rope(layer_type))
 
-    def attend(self, h: Array) -> Array:
-        """Tied output projection ``h @ embedding.T``: ``(..., hidden) -> (..., vocab)``."""
-        return self.embed_tokens.attend(h)
+    def window(self, layer_type: str) -> int | None:
+        return self.config.sliding_window if layer_type == SLIDING else None
+
+    def embed_scale(self) -> Array:
+        # the scale rounded to the parameters' dtype, as Hugging Face
+        return jnp.asarray(math.sqrt(self.config.hidden_size), self.param_dtype).astype(self.dtype)
 
 
-class GemmaForTask(_Block):
+class GemmaForTask(DecoderForTask):
     """A Gemma-family model for ``task`` in :data:`TASKS`, as :class:`sora_jax.models.llama.LlamaForTask`
     (``lm_head/kernel`` only without ``tie_word_embeddings``; causal-LM logits soft-capped by
     ``final_logit_softcapping``)."""
 
-    task: str = "causal_lm"
+    model_cls = GemmaModel
+    family = "Gemma"
 
-    def setup(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"Unknown task {self.task!r} for Gemma; choose one of {TASKS}.")
-        c = self.config
-        self.model = GemmaModel(c, self.dense_fn, self.dtype, self.param_dtype)
-        if self.task == "causal_lm" and not c.tie_word_embeddings:
-            self.lm_head = self.linear(c.vocab_size, False, "lm_head")
-        elif self.task == "sequence_classification":
-            self.score = self.linear(c.num_labels, False, "score")
-
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        position_ids: Array | None = None,
-        deterministic: bool = True,
-        cache: list[LayerCache] | None = None,
-        cache_index: Array | int = 0,
-        return_logits: bool = True,
-    ) -> dict[str, Any]:
-        """As :meth:`sora_jax.models.llama.LlamaForTask.__call__`."""
-        base = self.model(input_ids, attention_mask, position_ids, deterministic, cache, cache_index)
-        h = base["last_hidden_state"]
-        out = dict(base)
-        if self.task == "causal_lm" and return_logits:
-            logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
-            out["logits"] = softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
-        elif self.task == "sequence_classification":
-            pooled = h[jnp.arange(h.shape[0]), last_non_pad_index(input_ids, self.config.pad_token_id)]
-            out["logits"] = self.score(pooled).astype(jnp.float32)
-        return out
+    def lm_logits(self, logits: Array) -> Array:
+        return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
 
 
 def build(
@@ -460,13 +317,7 @@ def build(
 ) -> GemmaForTask:
     """A :class:`GemmaForTask` from a Hugging Face config (or a :class:`GemmaConfig`); ``ModelFamily.build``;
     ``scan_layers``/``remat``: see :func:`sora_jax.models.common.scan_blocks`."""
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r} for Gemma; choose one of {TASKS}.")
-    config = hf_config if isinstance(hf_config, GemmaConfig) else GemmaConfig.from_hf(hf_config)
-    config = dataclasses.replace(config, scan_layers=scan_layers, remat=remat)
-    return GemmaForTask(
-        config=config, dense_fn=dense_fn or default_dense, dtype=dtype, param_dtype=param_dtype, task=task
-    )
+    return build_decoder(GemmaForTask, GemmaConfig, hf_config, task, dtype, dense_fn, param_dtype, scan_layers, remat)
 
 
 FAMILY = ModelFamily(
