@@ -1,8 +1,8 @@
 """Gemma, Gemma 2 and Gemma 3 (text) decoders in Flax, numerically equal to ``transformers``' models.
 
 One module serves the three ``model_type`` values ``gemma``, ``gemma2`` and ``gemma3_text``; they share
-LLaMA's skeleton (rotary embeddings, grouped-query attention, a gated MLP: :mod:`sora_jax.models.llama`)
-and differ from it by:
+LLaMA's skeleton (rotary embeddings, grouped-query attention, a gated MLP, the key/value cache:
+:mod:`sora_jax.models.decoder`), whose modules this file subclasses, and differ from it by:
 
 - RMSNorm with a ``(1 + w)`` scale, normalised and scaled in float32 (``w`` initialised to 0);
 - input embeddings scaled by ``sqrt(hidden_size)`` (the scale rounded to the parameters' dtype);

@@ -7,7 +7,9 @@ architecture: RMSNorm (computed in float32), rotary position embeddings (``defau
 (``down_proj(act(gate_proj(x)) * up_proj(x))``), optional ``attention_bias`` / ``mlp_bias``, a causal
 mask combined with a ``(batch, seq)`` padding ``attention_mask`` (left or right padding), and tied or
 untied output embeddings. For decoding, a key/value cache (:func:`init_cache`) is passed in and the
-updated one returned (``cache``, ``cache_index``), a pure function as everything else.
+updated one returned (``cache``, ``cache_index``), a pure function as everything else. The skeleton
+(attention, MLP, block, stack, heads, cache) is :mod:`sora_jax.models.decoder`, shared with Gemma; this
+file holds what is LLaMA's own: the config, the rotary frequency scalings and the RMSNorm.
 
 Parameter paths mirror the Hugging Face names (see ``sora_jax.models.common``), e.g.
 ``model/layers_0/self_attn/q_proj/kernel``, ``model/embed_tokens/embedding``, ``model/norm/scale``,
