@@ -23,7 +23,7 @@ micro-batches ``(B / grad_accum, ...)`` scanned inside one jitted step; the summ
 divided by the summed weight, so the update equals the one of the whole batch.
 
 Layers: :func:`make_train_step` gives the run as pure functions (:class:`TrainStep`: initial state,
-step, evaluation; jit them, ``vmap`` or ``shard`` them as you like, no class needed); :class:`Trainer`
+step, evaluation; jit them, or lower them ahead of time, with no class around them); :class:`Trainer`
 binds them to one model's parameters and a mesh (the split into frozen and head, placement, one jitted
 step, host batches to the device); :func:`fit` is the loop over ``Trainer.train_step`` (epochs,
 checkpoints, resume, NaN handling, step timing).

@@ -54,6 +54,31 @@ def check_config(config: Any) -> None:
         raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}; supported: {sorted(ACTIVATIONS)}.")
 
 
+def hf_dict(hf_config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """A ``transformers`` config (or its ``config.json`` dict) as a plain dict."""
+    return dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+
+
+def hf_common(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields every decoder family reads alike from a Hugging Face config dict ``d`` (sizes,
+    grouped heads, norm epsilon, initialisation, attention bias and dropout, padding id, labels)."""
+    heads = d["num_attention_heads"]
+    return dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        initializer_range=d.get("initializer_range", 0.02),
+        attention_bias=bool(d.get("attention_bias", False)),
+        attention_dropout=float(d.get("attention_dropout", 0.0)),
+        pad_token_id=d.get("pad_token_id"),
+        num_labels=int(d.get("num_labels") or len(d.get("id2label") or {}) or 2),
+    )
+
+
 # -- rotary embeddings ---------------------------------------------------------------------------------
 def rope_cos_sin(position_ids: Array, inv_freq: np.ndarray, dtype: Any) -> tuple[Array, Array]:
     """``cos, sin: (batch, seq, head_dim)`` for ``position_ids: (batch, seq)``, computed in float32."""

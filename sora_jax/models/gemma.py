@@ -49,6 +49,8 @@ from sora_jax.models.decoder import (
     GatedMLP,
     build_decoder,
     check_config,
+    hf_common,
+    hf_dict,
 )
 from sora_jax.models.llama import LlamaConfig, rope_inv_freq
 from sora_jax.ops import default_dense
@@ -138,7 +140,7 @@ class GemmaConfig:
     def from_hf(cls, hf_config: Mapping[str, Any] | Any) -> GemmaConfig:
         """From a ``transformers`` ``GemmaConfig`` / ``Gemma2Config`` / ``Gemma3TextConfig`` or its
         ``config.json`` dict."""
-        d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+        d = hf_dict(hf_config)
         variant = d.get("model_type", "gemma")
         if variant == "gemma3":
             raise ValueError(
@@ -147,9 +149,7 @@ class GemmaConfig:
             )
         if d.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=True (an embedding model) is not supported; use a causal LM.")
-        heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        layers = d["num_hidden_layers"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         local_theta = None
         if "full_attention" in rope or "sliding_attention" in rope:  # per layer type (Gemma 3)
@@ -160,29 +160,19 @@ class GemmaConfig:
                 raise ValueError(f"Unsupported rope type {local['rope_type']!r} for sliding layers; only 'default'.")
         layer_types = d.get("layer_types")
         if not layer_types:
-            layer_types = ["full_attention"] * layers
+            layer_types = [FULL] * d["num_hidden_layers"]
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         if variant == "gemma" and act == "gelu":  # transformers' GemmaConfig maps the legacy name the same way
             act = "gelu_pytorch_tanh"
-        num_labels = d.get("num_labels") or len(d.get("id2label") or {}) or 2
         return cls(
+            **hf_common(d),
             variant=variant,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             hidden_act=act,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            initializer_range=d.get("initializer_range", 0.02),
             rope_theta=float(rope.get("rope_theta") or d.get("rope_theta") or 10000.0),
             rope_type=rope.get("rope_type", rope.get("type", "default")),
             rope_factor=float(rope.get("factor", 1.0)),
             local_rope_theta=local_theta,
-            attention_bias=bool(d.get("attention_bias", False)),
-            attention_dropout=float(d.get("attention_dropout", 0.0)),
             query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or head_dim)
             if variant != "gemma"
             else float(head_dim),
@@ -191,8 +181,6 @@ class GemmaConfig:
             attn_logit_softcapping=d.get("attn_logit_softcapping") if variant == "gemma2" else None,
             final_logit_softcapping=d.get("final_logit_softcapping") if variant != "gemma" else None,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            pad_token_id=d.get("pad_token_id"),
-            num_labels=int(num_labels),
         )
 
 

@@ -46,6 +46,8 @@ from sora_jax.models.decoder import (  # noqa: F401 (the shared pieces, re-expor
     check_cache,
     check_config,
     decoder_mask,
+    hf_common,
+    hf_dict,
     init_cache,
     last_non_pad_index,
     rope_cos_sin,
@@ -111,7 +113,7 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any] | Any) -> LlamaConfig:
         """From a ``transformers.LlamaConfig`` or its ``config.json`` dict (old ``rope_scaling`` too)."""
-        d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+        d = hf_dict(hf_config)
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim")
         if head_dim is None:
@@ -124,21 +126,12 @@ class LlamaConfig:
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("LLaMA applies rotary embeddings to the whole head; partial_rotary_factor must be 1.")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        num_labels = d.get("num_labels") or len(d.get("id2label") or {}) or 2
         return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            **hf_common(d),
             head_dim=head_dim,
             hidden_act=d.get("hidden_act", "silu"),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            initializer_range=d.get("initializer_range", 0.02),
             rope_theta=float(rope.get("rope_theta") or d.get("rope_theta") or 10000.0),
-            rope_type=rope_type,
+            rope_type=rope.get("rope_type", rope.get("type", "default")),
             rope_factor=float(rope.get("factor", 1.0)),
             low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
             high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
@@ -147,12 +140,8 @@ class LlamaConfig:
                 or d.get("original_max_position_embeddings")
                 or d.get("max_position_embeddings", 2048)
             ),
-            attention_bias=bool(d.get("attention_bias", False)),
-            attention_dropout=float(d.get("attention_dropout", 0.0)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            pad_token_id=d.get("pad_token_id"),
-            num_labels=int(num_labels),
         )
 
 
