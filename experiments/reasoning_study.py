@@ -110,6 +110,7 @@ class Run:
             "--max-eval-samples", str(s.eval_samples),
             "--max-length", str(s.max_length),
             "--scan-layers",
+            "--save-every", "10",  # a killed run resumes within 10 steps
             "--output-dir", str(output_dir),
             "--no-progress",
         ]  # fmt: skip
