@@ -433,6 +433,18 @@ def jax_matmul_variants() -> list[Variant]:
 
 
 # -- the PyTorch peer ------------------------------------------------------------------------------------
+def torch_reference() -> Any:
+    """``tests/torch_reference.py`` (the PyTorch Pre-Diag / SORA of the parity tests, kept once there), loaded
+    from this checkout by its path: ``tests`` is not an installed package."""
+    import importlib.util
+
+    path = common.ROOT / "tests" / "torch_reference.py"
+    spec = importlib.util.spec_from_file_location("sora_jax_torch_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torch_matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -475,7 +487,7 @@ class TorchPeer:
                                   use_dora=method == "peft_dora", modules_to_save=list(s.heads) or None,
                                   task_type="SEQ_CLS" if s.loss_fn is None else "CAUSAL_LM")
             return peft.get_peft_model(model, cfg)
-        from tests.torch_reference import conditioned_linear  # the PyTorch Pre-Diag / SORA of the parity tests
+        conditioned_linear = torch_reference().conditioned_linear
 
         for p in model.parameters():
             p.requires_grad_(False)
