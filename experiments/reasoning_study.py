@@ -277,6 +277,13 @@ def report() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p, sub, r = reproduce.grid_parser(__doc__, "study", "runs/reasoning-study")
     r.add_argument("--suite", choices=sorted(SUITES), default=None, help="only this suite's runs")
+    r.add_argument(
+        "--method",
+        action="append",
+        choices=sorted({m for s in SUITES.values() for m in s.methods}),
+        default=None,
+        help="only this method's runs, in the order given (repeatable)",
+    )
     rk = sub.add_parser("rank", help="one zero-shot run scoring the offered answers by log-likelihood")
     rk.add_argument("--suite", choices=["commonsense"], required=True)
     rk.add_argument("--output-dir", type=Path, required=True)
@@ -293,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmd == "run":
         runs = [r for r in plan() if args.suite in (None, r.suite)]
+        if args.method:
+            runs = sorted((r for r in runs if r.method in args.method), key=lambda r: args.method.index(r.method))
         reproduce.train(
             runs,
             args.max_runs,

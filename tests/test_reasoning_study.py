@@ -109,3 +109,15 @@ def test_report_from_kept_results(study):
     assert "| DoRA | – |" in text  # an unfinished run is not reported
     assert "| *majority answer* | – | 66.7 | 66.7 | 66.7 | – | – |" in text
     assert study.main(["report"]) == 0 and "| LoRA | 2.60 |" in (study.HERE / "README.md").read_text()
+
+
+def test_run_method_filter_keeps_the_given_order(study, monkeypatch):
+    seen = []
+    monkeypatch.setattr(study.reproduce, "train", lambda runs, *a, **k: seen.extend(r.id for r in runs))
+    assert study.main(["run", "--method", "sora", "--method", "lora"]) == 0
+    assert seen == [
+        "commonsense-sora-smollm2-s0",
+        "math-sora-gemma3-270m-s0",
+        "commonsense-lora-smollm2-s0",
+        "math-lora-gemma3-270m-s0",
+    ]
