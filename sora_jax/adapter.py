@@ -190,7 +190,8 @@ def expected_shapes(config: AdapterConfig, path: str, matrix_shape: tuple[int, .
     return {name: (*lead, *shape) for name, shape in shapes.items()}
 
 
-def _vmapped(fn: Callable, n_lead: int) -> Callable:
+def vmap_lead(fn: Callable, n_lead: int) -> Callable:
+    """``fn`` vmapped over ``n_lead`` leading axes of every argument (a stacked kernel's layer axes)."""
     for _ in range(n_lead):
         fn = jax.vmap(fn)
     return fn
@@ -210,7 +211,7 @@ def init_adapter(key: Array, params: PyTree, config: AdapterConfig, dtype: Any =
         lead = mod.layout.lead
         k = jax.random.fold_in(key, zlib.crc32(path.encode()))
         r = config.rank_for(path)
-        fn = _vmapped(lambda kk, W, r=r: methods.init_leaves(kk, W, config, r, dtype), len(lead))
+        fn = vmap_lead(lambda kk, W, r=r: methods.init_leaves(kk, W, config, r, dtype), len(lead))
         keys = jax.random.split(k, math.prod(lead)).reshape(*lead, *k.shape) if lead else k
         layers[path] = fn(keys, mod.layout.to_matrix(jnp.asarray(mod.kernel)))
     return Adapter(config, layers)
@@ -270,10 +271,10 @@ def effective_matrices(
         s = adapter.config.scaling_for(path)
         n_lead = W.ndim - 2
         if b is None:
-            fn = _vmapped(lambda W_, lv, s=s: methods.effective(W_, None, lv, adapter.config, s), n_lead)
+            fn = vmap_lead(lambda W_, lv, s=s: methods.effective(W_, None, lv, adapter.config, s), n_lead)
             out[path] = (mod, *fn(W, adapter.layers[path]))
         else:
-            fn = _vmapped(lambda W_, b_, lv, s=s: methods.effective(W_, b_, lv, adapter.config, s), n_lead)
+            fn = vmap_lead(lambda W_, b_, lv, s=s: methods.effective(W_, b_, lv, adapter.config, s), n_lead)
             out[path] = (mod, *fn(W, b, adapter.layers[path]))
     return out
 

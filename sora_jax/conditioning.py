@@ -74,6 +74,8 @@ class Map:
       expand: ``(t, params) -> t Rt`` for ``t = z L: (..., k)`` in the map's own product order (``None``:
         ``t @ Rt``).
       thin: ``(z, params) -> z L`` in the map's own product order (``None``: ``z @ L``), for :meth:`apply`.
+      reads_norm: ``params`` calls ``colnorm_input`` (DoRA's ``n``, a constant of the weights and leaves,
+        which :func:`sora_jax.dense.input_norms` computes once for a loop of forward passes).
       conditions_bias: the bias goes through the map (docs/spec.md section 2: all but DoRA's normalised diagonal).
       frozen_input_dropped: with LoRA dropout, the map's frozen input is computed from the dropped input
         and the rest of the frozen output bypasses the map (DoRA, as PEFT computes it).
@@ -91,6 +93,7 @@ class Map:
     factors: Callable[[Leaves], Factors] = _identity_factors
     expand: Callable[[Array, Leaves], Array] | None = None
     thin: Callable[[Array, Leaves], Array] | None = None
+    reads_norm: bool = False
     conditions_bias: bool = True
     frozen_input_dropped: bool = False
     check: Callable[[int, Any], str | None] = _no_check
@@ -174,6 +177,7 @@ NORMALISED_DIAGONAL = Map(
     init=lambda key, W, config, dtype: {"m": colnorm(W.astype(jnp.float32)).astype(dtype)},
     params=_normalised_params,
     factors=lambda p: Factors(scale=p["k"]),
+    reads_norm=True,
     conditions_bias=False,
     frozen_input_dropped=True,
     param_names=("k",),

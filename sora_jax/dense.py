@@ -60,14 +60,14 @@ import functools
 import itertools
 import zlib
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sora_jax import methods
 from sora_jax.activations import activation
-from sora_jax.adapter import Adapter
+from sora_jax.adapter import Adapter, check_compatible, vmap_lead
 from sora_jax.conditioning import Factors, Map, Method, colnorm
 from sora_jax.ops import default_dense
 from sora_jax.recompute import after
@@ -516,23 +516,50 @@ def _dropout(x: Array, rate: float, key: Array | None) -> Array:
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def layer_leaves(kernel: Array, leaves: dict[str, Array], config, scaling: float, dtype) -> dict[str, Array]:
+def input_norm(kernel: Array, leaves: dict[str, Array], config, scaling: float) -> Array:
+    """``n = colnorm(T_pre(W) + s A B): (d_out,)``, the column norm of ``T_post``'s input weight that a map
+    with ``reads_norm`` (DoRA's) divides by: from the factors (:func:`dora_norm`) when ``T_pre`` is the
+    identity, formed in float32 otherwise. ``kernel: (d_in, d_out)``."""
+    method = methods.get(config)
+    if not (method.pre.low_rank or method.pre.scaled):
+        return dora_norm(kernel, leaves["A"], leaves["B"], scaling)
+    lv = {k: v.astype(jnp.float32) for k, v in leaves.items()}
+    pp = method.pre.params(lv, config, lambda: colnorm(kernel.astype(jnp.float32)))
+    Z = method.pre.apply(kernel.astype(jnp.float32), pp)
+    return colnorm(Z + scaling * lv["A"] @ lv["B"])
+
+
+def layer_leaves(
+    kernel: Array, leaves: dict[str, Array], config, scaling: float, dtype, norm: Array | None = None
+) -> dict[str, Array]:
     """The leaves in the form the layer uses: ``A``, ``Bs = s B`` and the maps' params (``d``; DoRA's
-    ``k = m / n`` with ``n`` from the factors (:func:`dora_norm`), a constant; ``C, D`` and ``sp = s_p(C, D)``);
-    in ``dtype``."""
+    ``k = m / n`` with ``n = input_norm(...)``, a constant, or ``norm`` when given; ``C, D`` and
+    ``sp = s_p(C, D)``); in ``dtype``."""
     method = methods.get(config)
     lv = {k: v.astype(dtype) for k, v in leaves.items()}
     tail = {"A": lv["A"], "Bs": scaling * lv["B"]}
     tail.update(method.pre.params(lv, config, lambda: colnorm(kernel.astype(dtype))))
-    if method.pre.low_rank or method.pre.scaled:
-        def norm() -> Array:  # colnorm(T_pre(W) + s A B), formed
-            Z = method.pre.apply(kernel.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in tail.items()})
-            return colnorm(Z + scaling * leaves["A"].astype(jnp.float32) @ leaves["B"].astype(jnp.float32))
-    else:
-        def norm() -> Array:  # colnorm(W + s A B) from the factors
-            return dora_norm(kernel, leaves["A"], leaves["B"], scaling)
-    tail.update(method.post.params(lv, config, norm))
+    tail.update(method.post.params(
+        lv, config, (lambda: input_norm(kernel, leaves, config, scaling)) if norm is None else (lambda: norm)))
     return tail
+
+
+def input_norms(params: Any, adapter: Adapter) -> dict[str, Array]:
+    """``{path: n}`` (``n: (*stacked, d_out)``, :func:`input_norm`) for every adapted module of a method
+    whose ``T_post`` reads it (DoRA); ``{}`` for the others.
+
+    ``n`` depends only on the frozen weights and the adapter, yet an adapted layer computes it on every call
+    (``O(r d_in d_out)``, more than the layer's own matmul for a few tokens). A loop of forward passes with
+    the same adapter (decoding) computes it once here and hands it to :func:`adapted_dense` (``norms=``)."""
+    if not methods.get(adapter.config).post.reads_norm:
+        return {}
+    out = {}
+    for path, mod in check_compatible(params, adapter).items():
+        W = mod.layout.to_matrix(jnp.asarray(mod.kernel))
+        s = adapter.config.scaling_for(path)
+        fn = vmap_lead(lambda W_, lv, s=s: input_norm(W_, lv, adapter.config, s), W.ndim - 2)
+        out[path] = fn(W, adapter.layers[path])
+    return out
 
 
 def adapted_layer(
@@ -545,6 +572,7 @@ def adapted_layer(
     dropout_key: Array | None = None,
     fused: bool | None = None,
     input_act: str | None = None,
+    norm: Array | None = None,
 ) -> Array:
     """One adapted dense layer on activations. ``x: (..., d_in)``, ``kernel: (d_in, d_out)`` -> ``(..., d_out)``.
 
@@ -567,7 +595,7 @@ def adapted_layer(
     dropped = dropout_key is not None and config.lora_dropout > 0.0
     if input_act is not None and dropped:  # the dropout needs the activation's output: applied here
         x, input_act = activation(input_act)(x), None
-    tail = layer_leaves(kernel, leaves, config, scaling, dt)
+    tail = layer_leaves(kernel, leaves, config, scaling, dt, norm)
     xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
     if fused is None:
         fused = fuse_pays(x.shape[0], *W.shape)
@@ -588,7 +616,10 @@ def fuse_pays(rows: int, d_in: int, d_out: int) -> bool:
 
 
 def adapted_dense(
-    adapter: Adapter, dropout_rng: Array | None = None, fused: bool | None = None
+    adapter: Adapter,
+    dropout_rng: Array | None = None,
+    fused: bool | None = None,
+    norms: dict[str, Array] | None = None,
 ) -> Callable[..., Array]:
     """A model ``dense_fn(path, x, kernel, bias)`` that runs ``adapter`` on activations.
 
@@ -596,7 +627,8 @@ def adapted_dense(
     activation to apply to ``x`` first; see :func:`adapted_layer`). ``dropout_rng``: a key for LoRA dropout
     (``config.lora_dropout``), folded with each module's path; ``None`` disables dropout (evaluation).
     ``fused``: see :func:`adapted_layer` (``None``, the default, chooses per layer by shape; both forms compute
-    the same function).
+    the same function). ``norms``: :func:`input_norms` of the adapter and the model's parameters, computed
+    once for many calls (decoding); only for an adapter that is not being trained (the norms are constants).
     In a model with scanned layers (``sora_jax.models.common.scan_blocks``) a block passes its index
     ``layer`` and its own ``(d_in, d_out)`` kernel slice; the module's adapter leaves are stacked
     ``(L, ...)`` (``AdapterConfig.kernel_axes`` role ``"sio"``) and the block's slice is taken here.
@@ -615,13 +647,15 @@ def adapted_dense(
         leaves = adapter.layers.get(key)
         if leaves is None:
             return default_dense(path, x, kernel, bias, input_act)
+        norm = None if norms is None else norms.get(key)
         if layer is not None:
             leaves = {k: v[layer] for k, v in leaves.items()}
+            norm = None if norm is None else norm[layer]
         if kernel.ndim != 2:
             raise ValueError(f"activation path needs a 2-D kernel at {key!r}, got {kernel.shape}")
         k = None if dropout_rng is None else jax.random.fold_in(dropout_rng, zlib.crc32(key.encode()))
         if k is not None and layer is not None:
             k = jax.random.fold_in(k, layer)
-        return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k, fused, input_act)
+        return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k, fused, input_act, norm)
 
     return dense_fn

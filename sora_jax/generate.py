@@ -44,9 +44,10 @@ def _greedy(
     max_new_tokens: int,
 ) -> tuple[Array, Array]:
     if adapter is not None:
-        from sora_jax.dense import adapted_dense
+        from sora_jax.dense import adapted_dense, input_norms
 
-        module = module.clone(dense_fn=adapted_dense(adapter))
+        # DoRA's column norms are constants of the weights and the adapter: once here, not in every step
+        module = module.clone(dense_fn=adapted_dense(adapter, norms=input_norms(params, adapter)))
     b, p = input_ids.shape
     length = p + max_new_tokens
     cache = init_cache(module.config, b, length, module.dtype)

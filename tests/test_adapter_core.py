@@ -16,7 +16,7 @@ import scipy.linalg
 
 import sora_jax as sj
 from sora_jax.config import AdapterError
-from sora_jax.dense import KAPPA, adapted_dense, dora_norm, fuse_pays, layer_leaves, recovery_kappa
+from sora_jax.dense import KAPPA, adapted_dense, dora_norm, fuse_pays, input_norms, layer_leaves, recovery_kappa
 
 METHODS = sj.METHODS
 # every method with the paper's rotation, and the exact rotations for the methods that rotate
@@ -198,6 +198,40 @@ def test_dora_norm_from_factors_matches_direct():
     want = np.linalg.norm(W + 1.5 * A @ B, axis=0)
     got = dora_norm(jnp.asarray(W, jnp.float32), jnp.asarray(A, jnp.float32), jnp.asarray(B, jnp.float32), 1.5)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_input_norms_once_equal_the_per_call_norms(method):
+    """``input_norms``: DoRA's ``n = colnorm(W + s A B)`` per module (a stacked kernel: one per layer) equals
+    float64 NumPy; handed to ``adapted_dense`` it gives the per-call layer's output and is the norm the
+    layer uses (twice the norm halves DoRA's magnitude scale). Other methods have no norm to compute."""
+    params = make_params()
+    adapter = randomize(sj.init_adapter(jax.random.key(0), params, config(method)))
+    norms = input_norms(params, adapter)
+    if method != "dora":
+        assert norms == {}
+        return
+    assert set(norms) == set(adapter.layers)
+    for path, n in norms.items():
+        lv = {k: np.asarray(v, np.float64) for k, v in adapter.layers[path].items()}
+        W = np.asarray(module(params, path)["kernel"], np.float64)
+        want = np.linalg.norm(W + adapter.config.scaling_for(path) * lv["A"] @ lv["B"], axis=-2)
+        np.testing.assert_allclose(np.asarray(n), want, rtol=1e-5, err_msg=path)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 12)), jnp.float32)
+    mod = module(params, "enc/layer_0/attn/nobias")
+    path = ("enc", "layer_0", "attn", "nobias")
+    per_call = adapted_dense(adapter, fused=False)(path, x, mod["kernel"], None)
+    once = adapted_dense(adapter, fused=False, norms=norms)(path, x, mod["kernel"], None)
+    np.testing.assert_allclose(np.asarray(once), np.asarray(per_call), rtol=1e-6, atol=1e-6)
+    doubled = {k: 2 * v for k, v in norms.items()}
+    half = adapted_dense(adapter, fused=False, norms=doubled)(path, x, mod["kernel"], None)
+    np.testing.assert_allclose(np.asarray(half), np.asarray(per_call) / 2, rtol=1e-5, atol=1e-6)
+    # a scanned block's slice of a stacked module takes its layer's norm
+    W1, b1 = params["stacked"]["kernel"][1], params["stacked"]["bias"][1]
+    scanned = adapted_dense(adapter, fused=False, norms=norms)(("stacked",), x, W1, b1, layer=jnp.int32(1))
+    eff = sj.apply_adapter(params, adapter)["stacked"]
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(x @ eff["kernel"][1] + eff["bias"][1]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_lora_dropout_on_adapter_branch_only():

@@ -75,11 +75,13 @@ def test_greedy_tokens_equal_transformers(case):
     assert first <= 3 and got_eos[0, first] == eos and (got_eos[0, first + 1 :] == 0).all()
 
 
-def test_adapter_unmerged_and_merged_equal_transformers_on_merged_weights(case):
-    """A SORA adapter with non-zero factors: on activations (adapter=) and merged into the weights, the
-    tokens equal transformers' generate on the merged weights (exported through the naming table)."""
+@pytest.mark.parametrize("method", ["sora", "dora"])
+def test_adapter_unmerged_and_merged_equal_transformers_on_merged_weights(case, method):
+    """A SORA or DoRA adapter (DoRA's norms computed once before decoding) with non-zero factors: on
+    activations (adapter=) and merged into the weights, the tokens equal transformers' generate on the
+    merged weights (exported through the naming table)."""
     kind, model, module, params = case
-    config = sora_jax.AdapterConfig(method="sora", r=4, lora_alpha=8, rotation_rank=1,
+    config = sora_jax.AdapterConfig(method=method, r=4, lora_alpha=8, rotation_rank=1,
                                     target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     adapter = sora_jax.init_adapter(jax.random.key(0), params, config)
     keys = iter(jax.random.split(jax.random.key(1), 1000))
@@ -94,7 +96,8 @@ def test_adapter_unmerged_and_merged_equal_transformers_on_merged_weights(case):
     assert (expected != hf_generate(model, ids, mask)).any()  # the adapter changes the output
     np.testing.assert_array_equal(greedy_generate(module, merged, ids, mask, max_new_tokens=NEW), expected)
     np.testing.assert_array_equal(
-        greedy_generate(module, params, ids, mask, max_new_tokens=NEW, adapter=adapter), expected, err_msg=kind
+        greedy_generate(module, params, ids, mask, max_new_tokens=NEW, adapter=adapter), expected,
+        err_msg=f"{kind} {method}",
     )
 
 
