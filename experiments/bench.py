@@ -287,6 +287,13 @@ def memory_stats(compiled: Any) -> dict[str, int] | None:
     return out
 
 
+def matmul_ceiling(results: dict[str, dict]) -> dict[str, float | None]:
+    """Per framework, the best achieved GFLOP/s of its plain matmuls (``None`` when none was timed, as with
+    ``--rounds 0``)."""
+    return {fw: max((s["achieved_gflops"] for s in results.values() if s["kind"] == "matmul"
+                     and s["framework"] == fw and s.get("achieved_gflops")), default=None) for fw in ("jax", "torch")}
+
+
 def xla_flops(compiled: Any) -> float | None:
     try:
         cost = compiled.cost_analysis()
@@ -759,7 +766,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-infer", action="store_true", help="skip inference")
     p.add_argument("--peft", action="store_true", help="also run the PyTorch/PEFT peer")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
-    p.add_argument("--rounds", type=int, default=4, help="passes over all variants")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="passes over all variants (0: compile only, for compile times and memory)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up step, 1 round of 2 steps")
     p.add_argument("--out", default=None, help="JSON output (default experiments/results/bench-<model>.json, "
@@ -838,8 +846,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         measure(variants, args.warmup, args.rounds, args.steps, log)
 
     results = {v.name: v.stats() for v in variants}
-    ceiling = {fw: max((s["achieved_gflops"] for n, s in results.items() if s["kind"] == "matmul"
-                        and s["framework"] == fw), default=None) for fw in ("jax", "torch")}
+    ceiling = matmul_ceiling(results)
     ratios = summarise(results, flops, ceiling)
     checks = acceptance(results, ratios)
     lines: list[str] = []

@@ -421,8 +421,7 @@ def main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         torch_logits = peer.logits(gen) if peer and gen is not None else None
 
     results = {v.name: v.stats() for v in variants}
-    ceiling = {fw: max((s["achieved_gflops"] for s in results.values() if s["kind"] == "matmul"
-                        and s["framework"] == fw), default=None) for fw in ("jax", "torch")}
+    ceiling = bench.matmul_ceiling(results)
     ratios = bench.summarise(results, flops, ceiling)
     generation = generation_summary(results, gen) if gen is not None else {}
     agreement: dict[str, Any] = {"merged_vs_unmerged_logits": agree}

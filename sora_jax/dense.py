@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -230,10 +231,10 @@ def recovery_kappa(method: str | Method, lv: dict[str, Array], Weff: Array) -> A
 class Saved(NamedTuple):
     """What the forward keeps for :func:`_layer_bwd` (``None``: not kept for this method or form)."""
 
-    x: Array  # (N, d_in): the layer's input (the pre-activation with ``act``)
+    x: Array  # (..., d_in): the layer's input as the caller passed it (the pre-activation with ``act``)
     W: Array  # (d_in, d_out)
     b: Array | None  # (d_out,)
-    xd: Array | None  # (N, d_in): the LoRA branch's input after dropout
+    xd: Array | None  # (..., d_in): the LoRA branch's input after dropout
     lv: dict[str, Array]  # the layer's params: A, Bs and the maps'
     h: Array  # (N, r): xd A
     t_pre: Array | None  # (N, k_pre): p L_pre, p = x W + b_in the input of T_pre
@@ -256,7 +257,9 @@ def _layer(
     method: Method, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
     lv: dict[str, Array]
 ) -> Array:
-    """One adapted layer on 2-D activations ``x, xd: (N, d_in)`` -> ``(N, d_out)``.
+    """One adapted layer on activations ``x, xd: (..., d_in)`` -> ``(..., d_out)``, computed on ``(N, d_in)``
+    (flattened and cast to ``W``'s dtype inside: the backward keeps the caller's own ``x``, so the layers
+    that read one input (q, k and v) keep one array, not a flattened copy each).
 
     ``xd`` is the LoRA branch's input (``x`` after dropout; ``None``: ``x`` itself); ``lv`` holds ``A (d_in, r)``,
     ``Bs = s B (r, d_out)`` and the maps' params (``d``, DoRA's ``k = m / n``, ``C, D, sp``). ``fused`` (needs
@@ -266,10 +269,17 @@ def _layer(
     recomputes ``act(x)`` when it needs it. Undifferentiated (inference), a fused layer is always
     ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
     if fused:
-        x = x if act is None else activation(act)(x)
+        x2 = _flat(x, W.dtype)
+        x2 = x2 if act is None else activation(act)(x2)
         Weff, beff = _weight(method, W, b, lv)
-        return x @ Weff if beff is None else x @ Weff + beff
+        out = x2 @ Weff if beff is None else x2 @ Weff + beff
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     return _layer_fwd(method, fused, act, x, W, b, xd, lv)[0]
+
+
+def _flat(x: Array, dtype) -> Array:
+    """``(..., d) -> (N, d)`` in ``dtype`` (XLA's CPU backend runs thin matmuls on 3-D arrays much slower)."""
+    return x.reshape(-1, x.shape[-1]).astype(dtype)
 
 
 def _fused_forward(m: Method, x: Array, W: Array, b: Array | None, lv: dict[str, Array], saved: dict):
@@ -320,6 +330,9 @@ def _layer_fwd(
     lv: dict[str, Array]
 ):
     saved: dict = {"x": x, "W": W, "b": b, "xd": xd, "lv": lv}
+    lead = x.shape[:-1]
+    x = _flat(x, W.dtype)
+    xd = None if xd is None else _flat(xd, W.dtype)
     if act is not None:
         x = activation(act)(x)
     if fused:
@@ -344,7 +357,7 @@ def _layer_fwd(
             out = out + b_out
         if _target(method) is not None:
             saved["y"] = yp
-    return out, Saved(**{f: saved.get(f) for f in Saved._fields})
+    return out.reshape(*lead, out.shape[-1]), Saved(**{f: saved.get(f) for f in Saved._fields})
 
 
 def _frozen_colsum(m: Method, st: Stages, res: Saved, G: Array, x: Array, hG: Array, tpG: Array | None,
@@ -407,7 +420,10 @@ def _frozen_colsum(m: Method, st: Stages, res: Saved, G: Array, x: Array, hG: Ar
 
 
 def _layer_bwd(method: Method, fused: bool, act: str | None, res: Saved, G: Array):
-    x, W, b, xd, lv, h = res.x, res.W, res.b, res.xd, res.lv, res.h
+    W, b, lv, h = res.W, res.b, res.lv, res.h
+    x = _flat(res.x, W.dtype)
+    xd = None if res.xd is None else _flat(res.xd, W.dtype)
+    G = G.reshape(-1, G.shape[-1])
     if act is not None:  # the input again, from the kept pre-activation
         x, act_vjp = jax.vjp(activation(act), after(x, G))
     A, Bs = lv["A"], lv["Bs"]
@@ -501,6 +517,8 @@ def _layer_bwd(method: Method, fused: bool, act: str | None, res: Saved, G: Arra
         db = _rows_t(fp, jnp.sum(G, axis=0)[None])[0]
     if act is not None:
         dx = act_vjp(dx)[0]
+    dx = dx.reshape(res.x.shape).astype(res.x.dtype)
+    dxd = None if dxd is None else dxd.reshape(res.xd.shape).astype(res.xd.dtype)
     return dx, dW, db, dxd, {k: grads[k].astype(v.dtype) for k, v in lv.items()}
 
 
@@ -585,10 +603,8 @@ def adapted_layer(
     Precision: the layer computes in the wider of the activations' and the adapter leaves' dtypes (bfloat16
     activations with a float32 adapter: float32, so that a small rotation or a diagonal near 1 is not lost
     to bfloat16 rounding) and returns the activations' dtype, as PEFT does."""
-    lead = x.shape[:-1]
     out_dt = x.dtype
     dt = functools.reduce(jnp.promote_types, [v.dtype for v in leaves.values()], out_dt)
-    x = x.reshape(-1, x.shape[-1]).astype(dt)
     W = kernel.astype(dt)
     b = None if bias is None else bias.astype(dt)
     method = methods.get(config)
@@ -598,11 +614,10 @@ def adapted_layer(
     tail = layer_leaves(kernel, leaves, config, scaling, dt, norm)
     xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
     if fused is None:
-        fused = fuse_pays(x.shape[0], *W.shape)
+        fused = fuse_pays(math.prod(x.shape[:-1]), *W.shape)
     # forming W' is exact only in float32 (in bfloat16 a small update would round away)
     fused = fused and xd is None and dt == jnp.float32 and fusable(method)
-    out = _layer(method, fused, input_act, x, W, b, xd, tail)
-    return out.reshape(*lead, out.shape[-1]).astype(out_dt)
+    return _layer(method, fused, input_act, x, W, b, xd, tail).astype(out_dt)
 
 
 def fuse_pays(rows: int, d_in: int, d_out: int) -> bool:

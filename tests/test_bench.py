@@ -174,6 +174,19 @@ def test_bench_decoder_arguments(capsys):
     assert "--new-tokens must be >= 2" in capsys.readouterr().err
 
 
+def test_matmul_ceiling_without_timed_matmuls():
+    """``--rounds 0`` (compile only) times nothing: the ceiling is None, not a KeyError."""
+    from experiments import bench
+
+    results = {
+        "jax/matmul/a": {"kind": "matmul", "framework": "jax", "n": 0},
+        "jax/matmul/b": {"kind": "matmul", "framework": "jax", "n": 3, "achieved_gflops": 40.0},
+        "torch/matmul/a": {"kind": "matmul", "framework": "torch", "n": 0},
+        "jax/train/lora": {"kind": "train", "framework": "jax", "n": 3, "achieved_gflops": 90.0},
+    }
+    assert bench.matmul_ceiling(results) == {"jax": 40.0, "torch": None}
+
+
 def test_bench_rejects_unknown_method(capsys):
     from experiments import bench
 

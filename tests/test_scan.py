@@ -172,6 +172,28 @@ def test_llama_scanned_logits_generation_and_export(llama_dir: Path, tmp_path: P
     np.testing.assert_allclose(np.asarray(got)[mask == 1], ref[mask == 1], atol=1e-4)
 
 
+def test_layers_reading_one_input_keep_one_copy_of_it(llama_dir: Path):
+    """q, k and v read the same normalised input: in a scanned LoRA step the backward keeps one stacked
+    copy of it, not one per layer (each kept value is stacked over the layers). XLA's compiled memory
+    analysis, deterministic: adding k and v to q must cost less than one more ``(L, tokens, hidden)``
+    float32 array (a copy each would cost two)."""
+    model = hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (8, 64)))
+
+    def temp_bytes(targets: list[str]) -> int:
+        cfg = sora_jax.AdapterConfig(method="lora", r=4, target_modules=targets, kernel_axes=model.kernel_axes())
+        adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
+
+        def loss(a):
+            return model.apply(model.params, dense_fn=sora_jax.adapted_dense(a), input_ids=ids)["logits"].sum()
+
+        return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
+
+    one_copy = LAYERS * ids.size * 32 * 4
+    extra = temp_bytes(["q_proj", "k_proj", "v_proj"]) - temp_bytes(["q_proj"])
+    assert extra < one_copy, (extra, one_copy)
+
+
 def test_unsupported_family_and_remat_without_scan_are_clear_errors(tmp_path: Path, bert_dir: Path):
     with pytest.raises(ValueError, match="remat='full' applies to scanned layers"):
         hub.load_pretrained(bert_dir, load_tokenizer=False, remat="full")
