@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -227,6 +228,56 @@ def suite_table(suite: str) -> list[str]:
     return lines
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test on the discordant pairs): the probability, under
+    ``wins ~ Binomial(wins + losses, 1/2)``, of a split at least as uneven as the one seen."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def correct_per_example(run: Run) -> dict[str, list[bool]] | None:
+    """Per task, whether each kept response states the gold answer (the scorer of ``reasoning.py``); None
+    without kept responses (an unfinished run, the ranked zero-shot run)."""
+    from sora_jax import lm
+
+    out = {}
+    for task in SUITES[run.suite].tasks:
+        f = RESULTS / run.id / "predictions" / f"{task}.json"
+        if not f.exists():
+            return None
+        kept = json.loads(f.read_text())
+        if not isinstance(kept, dict) or "responses" not in kept:
+            return None
+        rows = test_rows(run.suite, task)
+        out[task] = [lm.is_correct(task, r, ex["answer"]) for r, ex in zip(kept["responses"], rows, strict=True)]
+    return out
+
+
+def paired_table(suite: str, reference: str = "lora") -> list[str]:
+    """Each fine-tuned method against ``reference`` on the same examples: the examples only it gets right
+    (wins), only the reference gets right (losses), and the exact sign test's p-value."""
+    ref = correct_per_example(Run(suite, reference)) if load_result(Run(suite, reference)) else None
+    if ref is None:
+        return []
+    lines = [f"| method vs {NAMES[reference]} | examples | wins | losses | difference (points) | p (exact sign test) |",
+             "|---|---|---|---|---|---|"]
+    for m in SUITES[suite].methods:
+        if m in ("zero_shot", "zero_shot_rank", reference) or load_result(Run(suite, m)) is None:
+            continue
+        got = correct_per_example(Run(suite, m))
+        if got is None:
+            continue
+        pairs = [(a, b) for t in ref for a, b in zip(got[t], ref[t], strict=True)]
+        wins = sum(a and not b for a, b in pairs)
+        losses = sum(b and not a for a, b in pairs)
+        lines.append(f"| {NAMES[m]} | {len(pairs)} | {wins} | {losses} | {100 * (wins - losses) / len(pairs):+.1f} | "
+                     f"{sign_test_p(wins, losses):.2f} |")
+    return lines if len(lines) > 2 else []
+
+
 PREAMBLE = """\
 # The paper's decoder experiments at CPU scale
 
@@ -271,6 +322,10 @@ def report() -> str:
             *suite_table(suite),
             "",
         ]
+        paired = paired_table(suite)
+        if paired:
+            parts += ["Paired on the same examples (a method's wins and losses against LoRA; with these counts "
+                      "only p below 0.05 is evidence of a difference):", "", *paired, ""]
     return "\n".join(parts)
 
 

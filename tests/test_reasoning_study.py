@@ -121,3 +121,32 @@ def test_run_method_filter_keeps_the_given_order(study, monkeypatch):
         "commonsense-lora-smollm2-s0",
         "math-lora-gemma3-270m-s0",
     ]
+
+
+def test_sign_test_against_scipy():
+    from scipy.stats import binomtest
+
+    for wins, losses in ((6, 2), (41, 35), (19, 11), (0, 7), (5, 5), (30, 10)):
+        want = binomtest(wins, wins + losses, 0.5).pvalue
+        assert abs(rs.sign_test_p(wins, losses) - want) < 1e-12, (wins, losses)
+    assert rs.sign_test_p(0, 0) == 1.0
+
+
+def test_paired_table_from_kept_responses(study):
+    """Wins and losses against LoRA are counted per example from the kept responses and the gold answers."""
+    res = {"finished": True, "accuracy": {}, "average": 0.0, "parameters": {"percent": 2.6}, "timing": {}}
+    kept = {  # gold: boolq true/false/true, ARC-Easy answer1/answer1/answer3
+        "lora": {"boolq": ["true", "true", "true"], "ARC-Easy": ["answer1", "answer2", "answer2"]},
+        "sora": {"boolq": ["true", "false", "false"], "ARC-Easy": ["answer1", "answer1", "answer3"]},
+    }
+    for m, by_task in kept.items():
+        out = study.RESULTS / f"commonsense-{m}-smollm2-s0"
+        (out / "predictions").mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps(res))
+        for task, answers in by_task.items():
+            responses = [f"the correct answer is {a}" for a in answers]
+            (out / "predictions" / f"{task}.json").write_text(json.dumps({"fingerprint": "x", "responses": responses}))
+    # SORA right where LoRA is wrong: boolq #2, ARC #2, ARC #3; LoRA right where SORA is wrong: boolq #3
+    p = rs.sign_test_p(3, 1)
+    assert f"| SORA | 6 | 3 | 1 | +33.3 | {p:.2f} |" in study.paired_table("commonsense")
+    assert "Paired on the same examples" in study.report()
