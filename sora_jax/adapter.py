@@ -13,6 +13,7 @@ shapes and dtypes.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -202,19 +203,50 @@ def init_adapter(key: Array, params: PyTree, config: AdapterConfig, dtype: Any =
     """Adapter leaves for every module ``config`` targets (docs/spec.md section 2 initialisations).
 
     ``params``: any pytree (nested dicts, a Flax NNX ``State``, an Equinox module, a PyTorch-named state
-    dict). Each module's key is ``fold_in(key, crc32(path))``, so a module's initial values do not depend
-    on which other modules are targeted. At init the adapted model equals the frozen one.
+    dict). Each module's key is :func:`module_key` ``(key, path)``, so a module's initial values do not
+    depend on which other modules are targeted, and a stacked module (scanned layers) draws for its block
+    ``i`` what the unrolled model's module of layer ``i`` draws. At init the adapted model equals the frozen
+    one.
     """
     chosen = select_modules(params, config)
     layers = {}
     for path, mod in sorted(chosen.items()):
         lead = mod.layout.lead
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()))
         r = config.rank_for(path)
         fn = vmap_lead(lambda kk, W, r=r: methods.init_leaves(kk, W, config, r, dtype), len(lead))
-        keys = jax.random.split(k, math.prod(lead)).reshape(*lead, *k.shape) if lead else k
-        layers[path] = fn(keys, mod.layout.to_matrix(jnp.asarray(mod.kernel)))
+        layers[path] = fn(_fold_grid(module_key(key, path), lead), mod.layout.to_matrix(jnp.asarray(mod.kernel)))
     return Adapter(config, layers)
+
+
+_NUMBERED = re.compile(r"^(?:(.*)_)?(\d+)$")
+
+
+def module_key(key: Array, path: str) -> Array:
+    """The key of the module at ``path``: ``fold_in(key, crc32(canonical))`` and then each layer number, where
+    the canonical path writes a numbered component ``name_N`` as ``name`` (and drops a bare ``N``, a
+    PyTorch-style ``layers/3``) and the numbers are folded in order. So the module of layer 3 of an unrolled
+    stack (``model/layers_3/self_attn/q_proj``) has the key of block 3 of the stacked module
+    (``model/layers/self_attn/q_proj``, whose blocks fold in their index after the path's own numbers)."""
+    parts, numbers = [], []
+    for part in path.split("/"):
+        m = _NUMBERED.match(part)
+        if m is None:
+            parts.append(part)
+            continue
+        if m.group(1):
+            parts.append(m.group(1))
+        numbers.append(int(m.group(2)))
+    k = jax.random.fold_in(key, zlib.crc32("/".join(parts).encode()))
+    for n in numbers:
+        k = jax.random.fold_in(k, n)
+    return k
+
+
+def _fold_grid(key: Array, lead: tuple[int, ...]) -> Array:
+    """``(*lead, *key.shape)`` keys: index ``(i, j, ...)`` holds ``fold_in(fold_in(key, i), j) ...``."""
+    if not lead:
+        return key
+    return jax.vmap(lambda i: _fold_grid(jax.random.fold_in(key, i), lead[1:]))(jnp.arange(lead[0]))
 
 
 # -- apply / merge ------------------------------------------------------------------------------

@@ -59,7 +59,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -68,7 +67,7 @@ import jax.numpy as jnp
 
 from sora_jax import methods
 from sora_jax.activations import activation
-from sora_jax.adapter import Adapter, check_compatible, vmap_lead
+from sora_jax.adapter import Adapter, check_compatible, module_key, vmap_lead
 from sora_jax.conditioning import Factors, Map, Method, colnorm
 from sora_jax.ops import default_dense
 from sora_jax.recompute import after
@@ -640,7 +639,8 @@ def adapted_dense(
 
     Modules without adapter leaves compute ``x W + b``. The model may pass ``input_act`` (the name of the
     activation to apply to ``x`` first; see :func:`adapted_layer`). ``dropout_rng``: a key for LoRA dropout
-    (``config.lora_dropout``), folded with each module's path; ``None`` disables dropout (evaluation).
+    (``config.lora_dropout``), folded with each module's path (``sora_jax.adapter.module_key``); ``None`` disables
+    dropout (evaluation).
     ``fused``: see :func:`adapted_layer` (``None``, the default, chooses per layer by shape; both forms compute
     the same function). ``norms``: :func:`input_norms` of the adapter and the model's parameters, computed
     once for many calls (decoding); only for an adapter that is not being trained (the norms are constants).
@@ -668,7 +668,7 @@ def adapted_dense(
             norm = None if norm is None else norm[layer]
         if kernel.ndim != 2:
             raise ValueError(f"activation path needs a 2-D kernel at {key!r}, got {kernel.shape}")
-        k = None if dropout_rng is None else jax.random.fold_in(dropout_rng, zlib.crc32(key.encode()))
+        k = None if dropout_rng is None else module_key(dropout_rng, key)  # as the unrolled layer's when scanned
         if k is not None and layer is not None:
             k = jax.random.fold_in(k, layer)
         return adapted_layer(x, kernel, bias, leaves, config, config.scaling_for(key), k, fused, input_act, norm)
