@@ -55,7 +55,7 @@ def _greedy(
     positions = jnp.clip(jnp.cumsum(attention_mask, axis=1) - 1, 0, None)
 
     def run(ids, pos, cache, index):
-        out = module.apply({"params": params}, ids, mask, pos, cache=cache, cache_index=index)
+        out = module.apply({"params": params}, ids, mask, pos, cache=cache, cache_index=index, logits_to_keep=1)
         return jnp.argmax(out["logits"][:, -1], axis=-1).astype(jnp.int32), out["cache"]
 
     token, cache = run(input_ids, positions, cache, 0)

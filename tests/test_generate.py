@@ -75,6 +75,18 @@ def test_greedy_tokens_equal_transformers(case):
     assert first <= 3 and got_eos[0, first] == eos and (got_eos[0, first + 1 :] == 0).all()
 
 
+def test_logits_to_keep_is_the_last_positions(case):
+    """``logits_to_keep=k``: the last ``k`` positions' logits (what a prefill needs), equal to the full
+    logits' slice; Gemma 3's final soft-capping applies to them the same way."""
+    kind, model, module, params = case
+    ids, mask = prompts()
+    full = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))["logits"]
+    for k in (1, 4):
+        got = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), logits_to_keep=k)["logits"]
+        assert got.shape == (3, k, full.shape[-1])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(full[:, -k:]), rtol=1e-5, atol=1e-5, err_msg=kind)
+
+
 @pytest.mark.parametrize("method", ["sora", "dora"])
 def test_adapter_unmerged_and_merged_equal_transformers_on_merged_weights(case, method):
     """A SORA or DoRA adapter (DoRA's norms computed once before decoding) with non-zero factors: on

@@ -509,15 +509,19 @@ class DecoderForTask(DecoderModule):
         cache: list[LayerCache] | None = None,
         cache_index: Array | int = 0,
         return_logits: bool = True,
+        logits_to_keep: int = 0,
     ) -> dict[str, Any]:
         """``input_ids, attention_mask (1 = token, 0 = padding), position_ids: (batch, seq)``; ``cache``,
         ``cache_index`` as :meth:`DecoderStack.__call__` (the output then holds ``"cache"``);
         ``return_logits=False`` leaves the causal LM's ``(batch, seq, vocab)`` logits out (a loss that
-        forms them chunk by chunk from ``last_hidden_state``: :func:`sora_jax.lm.chunked_cross_entropy`)."""
+        forms them chunk by chunk from ``last_hidden_state``: :func:`sora_jax.lm.chunked_cross_entropy`);
+        ``logits_to_keep=k > 0``: the logits of the last ``k`` positions only, ``(batch, k, vocab)``
+        (``transformers``' argument of that name: a prefill needs one position's, not ``seq x vocab``)."""
         base = self.model(input_ids, attention_mask, position_ids, deterministic, cache, cache_index)
         h = base["last_hidden_state"]
         out = dict(base)
         if self.task == "causal_lm" and return_logits:
+            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
             logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
             out["logits"] = self.lm_logits(logits)
         elif self.task == "sequence_classification":
