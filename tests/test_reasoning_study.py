@@ -107,6 +107,8 @@ def test_report_from_kept_results(study):
     text = study.report()
     assert "| LoRA | 2.60 | 66.7 | 33.3 | 50.0 | 10.0 | 2.0 |" in text
     assert "| DoRA | – |" in text  # an unfinished run is not reported
+    (out / "results.json").write_text(json.dumps({**res, "resumed_from_step": 30}))
+    assert "| 50.0 | 10.0 (from step 30) | 2.0 |" in study.report()  # the time of the resumed part only
     assert "| *majority answer* | – | 66.7 | 66.7 | 66.7 | – | – |" in text
     assert study.main(["report"]) == 0 and "| LoRA | 2.60 |" in (study.HERE / "README.md").read_text()
 
