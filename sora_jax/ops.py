@@ -1,9 +1,11 @@
 """Flax-free operations shared by the adapter core and the models.
 
-- :func:`default_dense`: the frozen dense layer ``y = act(x) W + b``, the default *dense function* of the
-  models (``dense_fn(path, x, kernel, bias, input_act=None) -> y``, :mod:`sora_jax.models.common`);
+- :func:`default_dense`: the frozen dense layer ``y = act(x) W + b`` (``(act(gate) * x) W + b`` with a
+  ``gate``), the default *dense function* of the models (``dense_fn(path, x, kernel, bias, input_act=None,
+  gate=None) -> y``, :mod:`sora_jax.models.common`);
+- :func:`layer_input`: that input, ``x``, ``act(x)`` or ``act(gate) * x``;
 - :func:`takes_keyword`, :func:`takes_input_act`: whether a dense function accepts a keyword (``input_act``,
-  ``layer``);
+  ``gate``, ``layer``);
 - activations by Hugging Face name (:mod:`sora_jax.activations`) and :func:`sora_jax.recompute.after` live
   beside this module, so that ``import sora_jax`` imports no Flax.
 """
@@ -16,19 +18,34 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sora_jax.activations import activation
+from sora_jax.activations import activation, gated
 
 Array = jax.Array
 
 
+def layer_input(x: Array, input_act: str | None = None, gate: Array | None = None) -> Array:
+    """A dense layer's input from what the model hands it: ``x``; ``act(x)`` for the activation named
+    ``input_act`` (:data:`sora_jax.activations.ACTIVATIONS`); with ``gate`` (``x``'s shape), a gated MLP's
+    ``act(gate) * x`` (:func:`sora_jax.activations.gated`: its backward keeps ``gate`` and ``x`` only)."""
+    if gate is not None:
+        if input_act is None:
+            raise ValueError("a gated input needs its activation: pass input_act with gate")
+        return gated(input_act)(gate, x)
+    return x if input_act is None else activation(input_act)(x)
+
+
 def default_dense(
-    path: tuple[str, ...], x: Array, kernel: Array, bias: Array | None, input_act: str | None = None
+    path: tuple[str, ...],
+    x: Array,
+    kernel: Array,
+    bias: Array | None,
+    input_act: str | None = None,
+    gate: Array | None = None,
 ) -> Array:
-    """``y = act(x) W + b`` with ``x`` flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``; ``act``: the
-    activation named ``input_act`` (:data:`sora_jax.activations.ACTIVATIONS`), or none."""
+    """``y = u W + b``, ``u = layer_input(x, input_act, gate)`` (``x``, ``act(x)`` or ``act(gate) * x``),
+    flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``."""
     del path
-    if input_act is not None:
-        x = activation(input_act)(x)
+    x = layer_input(x, input_act, gate)
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
     if bias is not None:

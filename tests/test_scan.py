@@ -220,6 +220,28 @@ def test_layers_reading_one_input_keep_one_copy_of_it(llama_dir: Path):
     assert extra < one_copy, (extra, one_copy)
 
 
+def test_gated_mlp_output_layer_keeps_no_product(llama_dir: Path):
+    """``down_proj`` reads ``act(gate) * up``: handed both factors (``gate=``), an adapted ``down_proj``
+    keeps the two arrays the product's own backward keeps, not the product as well. XLA's compiled memory
+    analysis of a scanned LoRA step: adding ``down_proj`` to ``up_proj`` must cost less than one stacked
+    ``(L, tokens, intermediate)`` float32 array (keeping the product costs that much and more)."""
+    model = hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (8, 64)))
+
+    def temp_bytes(targets: list[str]) -> int:
+        cfg = sora_jax.AdapterConfig(method="lora", r=4, target_modules=targets, kernel_axes=model.kernel_axes())
+        adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
+
+        def loss(a):
+            return model.apply(model.params, dense_fn=sora_jax.adapted_dense(a), input_ids=ids)["logits"].sum()
+
+        return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
+
+    one_copy = LAYERS * ids.size * 64 * 4
+    extra = temp_bytes(["up_proj", "down_proj"]) - temp_bytes(["up_proj"])
+    assert extra < one_copy, (extra, one_copy)
+
+
 def test_unsupported_family_and_remat_without_scan_are_clear_errors(tmp_path: Path, bert_dir: Path):
     with pytest.raises(ValueError, match="remat='full' applies to scanned layers"):
         hub.load_pretrained(bert_dir, load_tokenizer=False, remat="full")

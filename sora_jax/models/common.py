@@ -6,6 +6,7 @@ The models know nothing of adapters. Every dense layer is a :class:`Linear`, whi
 
     dense_fn(path, x, kernel, bias) -> y        # x: (..., d_in), y: (..., d_out)
     dense_fn(path, x, kernel, bias, input_act="gelu")   # y = act(x) W + b
+    dense_fn(path, x, kernel, bias, input_act="silu", gate=g)   # y = (act(g) * x) W + b
 
 ``path`` is the module's path in the parameter tree (``("bert", "encoder", "layer_0", "attention",
 "self", "query")``). The default, :func:`sora_jax.ops.default_dense`, computes ``x W + b`` on activations
@@ -16,8 +17,10 @@ it.
 A layer whose input is an activation's output (a transformer FFN's second layer) is handed the
 pre-activation and the activation's name (``input_act``, a key of :data:`ACTIVATIONS`): a dense function
 that keeps its input for a gradient can then keep the pre-activation, which the activation's own
-derivative keeps anyway, and recompute the activation. A dense function without an ``input_act``
-parameter is handed ``act(x)`` instead.
+derivative keeps anyway, and recompute the activation. A gated MLP's output layer is handed both factors
+of its input ``act(gate) * x`` (``gate=``), the two tensors the product's own backward keeps
+(:func:`sora_jax.activations.gated`). A dense function without an ``input_act`` (``gate``) parameter is
+handed ``act(x)`` (``act(gate) * x``) instead.
 
 Scanned layers (:func:`scan_blocks`): a model built with ``scan_layers=True`` runs its ``L`` identical
 blocks under ``nn.scan``: one compiled block instead of ``L`` (compile time independent of depth), with
@@ -44,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.activations import ACTIVATIONS, activation  # noqa: F401 (re-exported)
-from sora_jax.ops import default_dense, takes_input_act, takes_keyword  # noqa: F401 (re-exported)
+from sora_jax.ops import default_dense, layer_input, takes_input_act, takes_keyword  # noqa: F401 (re-exported)
 
 Array = jax.Array
 
@@ -114,7 +117,8 @@ class Linear(nn.Module):
     """A dense layer whose computation is delegated to ``dense_fn`` (see module docstring).
 
     Params: ``kernel (d_in, features)``, ``bias (features,)`` when ``use_bias``. ``input_act``: the layer
-    computes ``act(x) W + b`` for that activation (handed to ``dense_fn`` when it takes ``input_act``).
+    computes ``act(x) W + b`` for that activation, or ``(act(gate) * x) W + b`` when called with ``gate``
+    (handed to ``dense_fn`` when it takes ``input_act`` / ``gate``, applied here otherwise).
     """
 
     features: int
@@ -126,15 +130,21 @@ class Linear(nn.Module):
     input_act: str | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, gate: Array | None = None) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        path = tuple(self.path)
         x = x.astype(self.dtype)
+        gate = None if gate is None else gate.astype(self.dtype)
         if self.input_act is None:
-            return self.dense_fn(tuple(self.path), x, kernel, bias)
-        if takes_input_act(self.dense_fn):
-            return self.dense_fn(tuple(self.path), x, kernel, bias, input_act=self.input_act)
-        return self.dense_fn(tuple(self.path), activation(self.input_act)(x), kernel, bias)
+            if gate is not None:
+                raise ValueError(f"{'/'.join(path)}: a gated input needs its activation: set input_act")
+            return self.dense_fn(path, x, kernel, bias)
+        if gate is not None and takes_keyword(self.dense_fn, "gate"):
+            return self.dense_fn(path, x, kernel, bias, input_act=self.input_act, gate=gate)
+        if gate is None and takes_input_act(self.dense_fn):
+            return self.dense_fn(path, x, kernel, bias, input_act=self.input_act)
+        return self.dense_fn(path, layer_input(x, self.input_act, gate), kernel, bias)
 
 
 @dataclasses.dataclass(frozen=True)

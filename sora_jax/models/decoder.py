@@ -209,8 +209,9 @@ class DecoderModule(nn.Module):
 
     norm_cls: ClassVar[type[nn.Module] | None] = None
 
-    def linear(self, features: int, use_bias: bool, name: str) -> Linear:
-        """A dense layer named ``name`` running ``dense_fn``, initialised ``normal(initializer_range)``."""
+    def linear(self, features: int, use_bias: bool, name: str, input_act: str | None = None) -> Linear:
+        """A dense layer named ``name`` running ``dense_fn``, initialised ``normal(initializer_range)``;
+        ``input_act``: see :class:`Linear`."""
         return Linear(
             features,
             use_bias=use_bias,
@@ -218,6 +219,7 @@ class DecoderModule(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=nn.initializers.normal(self.config.initializer_range),
+            input_act=input_act,
             name=name,
         )
 
@@ -283,7 +285,8 @@ class GatedMLP(DecoderModule):
     """``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU with ``silu``, GeGLU with a GELU).
 
     Params: ``gate_proj``/``up_proj (hidden, intermediate)``, ``down_proj (intermediate, hidden)``
-    (biases with ``mlp_bias``).
+    (biases with ``mlp_bias``). ``down_proj`` is handed both factors (``gate=``, see
+    :mod:`sora_jax.models.common`), so the backward keeps ``gate`` and ``up``, not their product as well.
     """
 
     @nn.compact
@@ -291,7 +294,7 @@ class GatedMLP(DecoderModule):
         c = self.config
         gate = self.linear(c.intermediate_size, c.mlp_bias, "gate_proj")(x)
         up = self.linear(c.intermediate_size, c.mlp_bias, "up_proj")(x)
-        return self.linear(c.hidden_size, c.mlp_bias, "down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)
+        return self.linear(c.hidden_size, c.mlp_bias, "down_proj", input_act=c.hidden_act)(up, gate=gate)
 
 
 class DecoderLayer(DecoderModule):
