@@ -240,7 +240,7 @@ class Saved(NamedTuple):
     t_pre: Array | None  # (N, k_pre): p L_pre, p = x W + b_in the input of T_pre
     t_post: Array | None  # (N, k_post): z L_post, z = T_pre(p) + h Bs the input of T_post
     y: Array | None  # unfused: the frozen product entering p (x W; DoRA with dropout: xd W)
-    dot: Array | None  # fused: x W', for the recovery of the frozen output's column sums
+    dot: Array | None  # fused: x W' (the returned array itself when that is x W'), for the recovery of colsums
     idx: Array | None  # fused: the EXACT_COLUMNS output features computed exactly
     covered: Array | None  # fused: (d_out,) bool, the features whose recovery is well conditioned
     t_idx: Array | None  # fused: (N, EXACT_COLUMNS): the diagonal's input in those features
@@ -368,7 +368,10 @@ def _layer_fwd(
             out = out + b_out
         if _target(method) is not None:
             saved["y"] = yp
-    return out.reshape(*lead, out.shape[-1]), Saved(**{f: saved.get(f) for f in Saved._fields})
+    flat, out = out, out.reshape(*lead, out.shape[-1])
+    if saved.get("dot") is flat:  # the output is x W' itself (no bias): keep the array returned, which
+        saved["dot"] = out  # the next operation may keep too (one stacked copy, not two, under nn.scan)
+    return out, Saved(**{f: saved.get(f) for f in Saved._fields})
 
 
 def _frozen_colsum(m: Method, st: Stages, res: Saved, G: Array, x: Array, hG: Array, tpG: Array | None,
@@ -402,7 +405,7 @@ def _frozen_colsum(m: Method, st: Stages, res: Saved, G: Array, x: Array, hG: Ar
         if tpG is not None:
             cz = cz + _colsum_rank(tpG, st.fp.Rt)
         return cz + jnp.sum(Bs * hG, axis=0)
-    q = jnp.sum(G * res.dot, axis=0)  # colsum(G T_post(z)); out = dot + b'
+    q = jnp.sum(G * res.dot.reshape(G.shape), axis=0)  # colsum(G T_post(z)); out = dot + b'
     if beff is not None and st.post.conditions_bias:
         q = q + jnp.sum(G, axis=0) * beff
     if tqG is not None:

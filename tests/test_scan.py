@@ -242,6 +242,29 @@ def test_gated_mlp_output_layer_keeps_no_product(llama_dir: Path):
     assert extra < one_copy, (extra, one_copy)
 
 
+def test_fused_diagonal_keeps_its_output_once(llama_dir: Path):
+    """A fused Pre-Diag layer keeps its output ``x W'`` for the diagonal's gradient. When the next operation
+    keeps that output too (``up_proj``'s, kept by the gated product's backward), the scanned step keeps one
+    stacked copy: Pre-Diag on ``up_proj`` costs less than half an ``(L, tokens, intermediate)`` float32 array
+    over LoRA (XLA's memory analysis; keeping a reshaped copy of its own cost more than one)."""
+    model = hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (8, 64)))
+
+    def temp_bytes(method: str) -> int:
+        cfg = sora_jax.AdapterConfig(method=method, r=4, target_modules=["up_proj"], kernel_axes=model.kernel_axes())
+        adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
+
+        def loss(a):
+            dense = sora_jax.adapted_dense(a, fused=True)
+            return model.apply(model.params, dense_fn=dense, input_ids=ids)["logits"].sum()
+
+        return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
+
+    one_copy = LAYERS * ids.size * 64 * 4
+    extra = temp_bytes("prediag") - temp_bytes("lora")
+    assert extra < one_copy / 2, (extra, one_copy)
+
+
 def test_unsupported_family_and_remat_without_scan_are_clear_errors(tmp_path: Path, bert_dir: Path):
     with pytest.raises(ValueError, match="remat='full' applies to scanned layers"):
         hub.load_pretrained(bert_dir, load_tokenizer=False, remat="full")
