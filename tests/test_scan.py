@@ -198,70 +198,59 @@ def test_llama_scanned_logits_generation_and_export(llama_dir: Path, tmp_path: P
     np.testing.assert_allclose(np.asarray(got)[mask == 1], ref[mask == 1], atol=1e-4)
 
 
-def test_layers_reading_one_input_keep_one_copy_of_it(llama_dir: Path):
+IDS = np.random.default_rng(0).integers(3, 128, (8, 64))  # the memory tests' batch
+
+
+@pytest.fixture(scope="module")
+def scanned_llama(llama_dir: Path):
+    return hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
+
+
+def _step_temp_bytes(model, method: str, targets: list[str], fused: bool | None = None) -> int:
+    """XLA's temporaries (compiled memory analysis: deterministic, not a timing) of the adapter gradient of a
+    scanned causal LM's summed logits on :data:`IDS`."""
+    cfg = sora_jax.AdapterConfig(method=method, r=4, target_modules=targets, kernel_axes=model.kernel_axes())
+    adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
+
+    def loss(a):
+        dense = sora_jax.adapted_dense(a, fused=fused)
+        return model.apply(model.params, dense_fn=dense, input_ids=jnp.asarray(IDS))["logits"].sum()
+
+    return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_layers_reading_one_input_keep_one_copy_of_it(scanned_llama):
     """q, k and v read the same normalised input: in a scanned LoRA step the backward keeps one stacked
-    copy of it, not one per layer (each kept value is stacked over the layers). XLA's compiled memory
-    analysis, deterministic: adding k and v to q must cost less than one more ``(L, tokens, hidden)``
-    float32 array (a copy each would cost two)."""
-    model = hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (8, 64)))
-
-    def temp_bytes(targets: list[str]) -> int:
-        cfg = sora_jax.AdapterConfig(method="lora", r=4, target_modules=targets, kernel_axes=model.kernel_axes())
-        adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
-
-        def loss(a):
-            return model.apply(model.params, dense_fn=sora_jax.adapted_dense(a), input_ids=ids)["logits"].sum()
-
-        return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
-
-    one_copy = LAYERS * ids.size * 32 * 4
-    extra = temp_bytes(["q_proj", "k_proj", "v_proj"]) - temp_bytes(["q_proj"])
+    copy of it, not one per layer (each kept value is stacked over the layers). Adding k and v to q must
+    cost less than one more ``(L, tokens, hidden)`` float32 array (a copy each would cost two)."""
+    one_copy = LAYERS * IDS.size * 32 * 4
+    extra = _step_temp_bytes(scanned_llama, "lora", ["q_proj", "k_proj", "v_proj"]) - _step_temp_bytes(
+        scanned_llama, "lora", ["q_proj"]
+    )
     assert extra < one_copy, (extra, one_copy)
 
 
-def test_gated_mlp_output_layer_keeps_no_product(llama_dir: Path):
+def test_gated_mlp_output_layer_keeps_no_product(scanned_llama):
     """``down_proj`` reads ``act(gate) * up``: handed both factors (``gate=``), an adapted ``down_proj``
-    keeps the two arrays the product's own backward keeps, not the product as well. XLA's compiled memory
-    analysis of a scanned LoRA step: adding ``down_proj`` to ``up_proj`` must cost less than one stacked
-    ``(L, tokens, intermediate)`` float32 array (keeping the product costs that much and more)."""
-    model = hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (8, 64)))
-
-    def temp_bytes(targets: list[str]) -> int:
-        cfg = sora_jax.AdapterConfig(method="lora", r=4, target_modules=targets, kernel_axes=model.kernel_axes())
-        adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
-
-        def loss(a):
-            return model.apply(model.params, dense_fn=sora_jax.adapted_dense(a), input_ids=ids)["logits"].sum()
-
-        return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
-
-    one_copy = LAYERS * ids.size * 64 * 4
-    extra = temp_bytes(["up_proj", "down_proj"]) - temp_bytes(["up_proj"])
+    keeps the two arrays the product's own backward keeps, not the product as well. In a scanned LoRA
+    step, adding ``down_proj`` to ``up_proj`` must cost less than one stacked ``(L, tokens, intermediate)``
+    float32 array (keeping the product costs that much and more)."""
+    one_copy = LAYERS * IDS.size * 64 * 4
+    extra = _step_temp_bytes(scanned_llama, "lora", ["up_proj", "down_proj"]) - _step_temp_bytes(
+        scanned_llama, "lora", ["up_proj"]
+    )
     assert extra < one_copy, (extra, one_copy)
 
 
-def test_fused_diagonal_keeps_its_output_once(llama_dir: Path):
+def test_fused_diagonal_keeps_its_output_once(scanned_llama):
     """A fused Pre-Diag layer keeps its output ``x W'`` for the diagonal's gradient. When the next operation
     keeps that output too (``up_proj``'s, kept by the gated product's backward), the scanned step keeps one
     stacked copy: Pre-Diag on ``up_proj`` costs less than half an ``(L, tokens, intermediate)`` float32 array
-    over LoRA (XLA's memory analysis; keeping a reshaped copy of its own cost more than one)."""
-    model = hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (8, 64)))
-
-    def temp_bytes(method: str) -> int:
-        cfg = sora_jax.AdapterConfig(method=method, r=4, target_modules=["up_proj"], kernel_axes=model.kernel_axes())
-        adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
-
-        def loss(a):
-            dense = sora_jax.adapted_dense(a, fused=True)
-            return model.apply(model.params, dense_fn=dense, input_ids=ids)["logits"].sum()
-
-        return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
-
-    one_copy = LAYERS * ids.size * 64 * 4
-    extra = temp_bytes("prediag") - temp_bytes("lora")
+    over LoRA (keeping a reshaped copy of its own cost more than one)."""
+    one_copy = LAYERS * IDS.size * 64 * 4
+    extra = _step_temp_bytes(scanned_llama, "prediag", ["up_proj"], fused=True) - _step_temp_bytes(
+        scanned_llama, "lora", ["up_proj"], fused=True
+    )
     assert extra < one_copy / 2, (extra, one_copy)
 
 
