@@ -14,14 +14,15 @@ one. On ``minilm`` at batch 32 x 128 that is 240 MiB less for the frozen model's
 (1481 -> 1241 MiB) and for every adapter, and the step is a few per cent faster (experiments/PERF.md).
 Forward-mode and higher derivatives work as before (the derivative is itself differentiable).
 
-:func:`gated` is a gated MLP's product ``act(gate) * x`` (SwiGLU, GeGLU) with a hand-written backward that
-keeps only ``gate`` and ``x`` and recomputes ``act(gate)`` and its derivative: autodiff keeps ``act(gate)``,
+:func:`gated` is a gated MLP's product ``act(gate) * x`` (SwiGLU, GeGLU) with a backward that keeps only
+``gate`` and ``x`` and recomputes ``act(gate)`` and its derivative: autodiff keeps ``act(gate)``,
 ``act'(gate)`` and ``x``, three ``(tokens, d_ff)`` tensors per layer instead of two (experiments/PERF.md,
 change 20). Being a :func:`jax.custom_vjp`, it is differentiable in reverse mode only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sora_jax.recompute import after
+from sora_jax.recompute import recomputed
 
 Array = jax.Array
 
@@ -100,23 +101,19 @@ def activation(name: str) -> Callable[[Array], Array]:
         ) from None
 
 
-@functools.cache
+@dataclasses.dataclass(frozen=True)
+class GatedProduct:
+    """A gated MLP's product ``act(gate) * x`` for the activation named ``act``: a hashable function of
+    ``(x, gate)`` (``(..., d)`` each)."""
+
+    act: str
+
+    def __call__(self, x: Array, gate: Array) -> Array:
+        return activation(self.act)(gate) * x
+
+
 def gated(name: str) -> Callable[[Array, Array], Array]:
-    """``f(gate, x) = act(gate) * x`` for the activation ``name`` (a gated MLP's product), whose backward keeps
-    ``gate`` and ``x`` (``(..., d)`` each) and recomputes the activation. Reverse-mode differentiable only."""
-    act = activation(name)
-
-    @jax.custom_vjp
-    def f(gate: Array, x: Array) -> Array:
-        return act(gate) * x
-
-    def fwd(gate: Array, x: Array) -> tuple[Array, tuple[Array, Array]]:
-        return act(gate) * x, (gate, x)
-
-    def bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-        gate, x = res
-        a, vjp = jax.vjp(act, after(gate, g))  # in the backward pass, not merged with the forward's
-        return vjp(g * x)[0], g * a
-
-    f.defvjp(fwd, bwd)
-    return f
+    """``f(x, gate) = act(gate) * x`` for the activation ``name`` (:class:`GatedProduct`), whose backward keeps
+    ``x`` and ``gate`` and recomputes the activation (:func:`sora_jax.recompute.recomputed`). Reverse-mode
+    differentiable only."""
+    return recomputed(GatedProduct(name))

@@ -66,10 +66,10 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import methods
-from sora_jax.activations import activation
+from sora_jax.activations import GatedProduct, activation
 from sora_jax.adapter import Adapter, check_compatible, module_key, vmap_lead
 from sora_jax.conditioning import Factors, Map, Method, colnorm
-from sora_jax.ops import default_dense, layer_input
+from sora_jax.ops import InputNorm, default_dense, layer_input
 from sora_jax.recompute import after
 
 Array = jax.Array
@@ -230,8 +230,8 @@ def recovery_kappa(method: str | Method, lv: dict[str, Array], Weff: Array) -> A
 class Saved(NamedTuple):
     """What the forward keeps for :func:`_layer_bwd` (``None``: not kept for this method or form)."""
 
-    x: Any  # (..., d_in): the layer's input as the caller passed it (the pre-activation with ``act``; a gated
-    # input's two factors ``(x, gate)``)
+    x: Any  # (..., d_in): the layer's input as the caller passed it (the pre-activation with an activation; a
+    # gated input's two factors ``(u, gate)``; a norm's input and parameter ``(x, scale)``)
     W: Array  # (d_in, d_out)
     b: Array | None  # (d_out,)
     xd: Array | None  # (..., d_in): the LoRA branch's input after dropout
@@ -254,7 +254,7 @@ def _bypass(m: Method, xd: Array | None) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _layer(
-    method: Method, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
+    method: Method, fused: bool, pre: Callable | None, x: Any, W: Array, b: Array | None, xd: Array | None,
     lv: dict[str, Array]
 ) -> Array:
     """One adapted layer on activations ``x, xd: (..., d_in)`` -> ``(..., d_out)``, computed on ``(N, d_in)``
@@ -264,35 +264,35 @@ def _layer(
     ``xd`` is the LoRA branch's input (``x`` after dropout; ``None``: ``x`` itself); ``lv`` holds ``A (d_in, r)``,
     ``Bs = s B (r, d_out)`` and the maps' params (``d``, DoRA's ``k = m / n``, ``C, D, sp``). ``fused`` (needs
     ``xd is None``): form the effective weight ``W'`` once per step, take the input gradient as ``G W'^T``
-    (one matmul, as the frozen layer) and the output as ``x W' + b'``. ``act`` (an activation's name, or
-    ``None``): the layer's input is ``act(x)``; ``x``, the pre-activation, is what the backward keeps, and it
-    recomputes ``act(x)`` when it needs it; ``x = (u, gate)`` (a gated MLP's factors): the input is
-    ``act(gate) * u``, and the backward keeps the two factors. Undifferentiated (inference), a fused layer is
-    always ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
+    (one matmul, as the frozen layer) and the output as ``x W' + b'``. ``pre`` (a hashable function, or
+    ``None``): the layer's input is ``pre(x)`` (an activation of the pre-activation ``x``), or ``pre(*x)`` for a
+    tuple ``x`` (a gated MLP's ``(u, gate)``, a norm's ``(x, scale)``); ``x`` is what the backward keeps, and it
+    recomputes the input when it needs it. Undifferentiated (inference), a fused layer is always
+    ``x W' + b'``: the cost of the merged model plus forming ``W'``."""
     if fused:
-        x2 = _input(act, _flat(x, W.dtype))
+        x2 = _input(pre, _flat(x, W.dtype))
         Weff, beff = _weight(method, W, b, lv)
         out = x2 @ Weff if beff is None else x2 @ Weff + beff
         return out.reshape(*_lead(x), out.shape[-1])
-    return _layer_fwd(method, fused, act, x, W, b, xd, lv)[0]
+    return _layer_fwd(method, fused, pre, x, W, b, xd, lv)[0]
 
 
 def _flat(x: Any, dtype) -> Any:
     """``(..., d) -> (N, d)`` in ``dtype`` (XLA's CPU backend runs thin matmuls on 3-D arrays much slower);
-    each of a gated input's factors."""
+    each array of a tuple input (a norm's ``scale (d,)`` becomes ``(1, d)``)."""
     return jax.tree.map(lambda v: v.reshape(-1, v.shape[-1]).astype(dtype), x)
 
 
 def _lead(x: Any) -> tuple[int, ...]:
-    """The batch shape of the layer's input (of a gated input's first factor)."""
+    """The batch shape of the layer's input (of a tuple input's first array)."""
     return (x[0] if isinstance(x, tuple) else x).shape[:-1]
 
 
-def _input(act: str | None, x: Any) -> Array:
-    """The layer's input from what the caller passed: ``x``, ``act(x)``, or ``act(gate) * u`` for ``(u, gate)``."""
-    if isinstance(x, tuple):
-        return activation(act)(x[1]) * x[0]
-    return x if act is None else activation(act)(x)
+def _input(pre: Callable | None, x: Any) -> Array:
+    """The layer's input from what the caller passed: ``x``, ``pre(x)``, or ``pre(*x)`` for a tuple."""
+    if pre is None:
+        return x
+    return pre(*x) if isinstance(x, tuple) else pre(x)
 
 
 def _fused_forward(m: Method, x: Array, W: Array, b: Array | None, lv: dict[str, Array], saved: dict):
@@ -339,12 +339,12 @@ def _fused_forward(m: Method, x: Array, W: Array, b: Array | None, lv: dict[str,
 
 
 def _layer_fwd(
-    method: Method, fused: bool, act: str | None, x: Array, W: Array, b: Array | None, xd: Array | None,
+    method: Method, fused: bool, pre: Callable | None, x: Any, W: Array, b: Array | None, xd: Array | None,
     lv: dict[str, Array]
 ):
     saved: dict = {"x": x, "W": W, "b": b, "xd": xd, "lv": lv}
     lead = _lead(x)
-    x = _input(act, _flat(x, W.dtype))
+    x = _input(pre, _flat(x, W.dtype))
     xd = None if xd is None else _flat(xd, W.dtype)
     if fused:
         out, saved = _fused_forward(method, x, W, b, lv, saved)
@@ -433,13 +433,13 @@ def _frozen_colsum(m: Method, st: Stages, res: Saved, G: Array, x: Array, hG: Ar
     return jnp.where(res.covered, rec, full)
 
 
-def _layer_bwd(method: Method, fused: bool, act: str | None, res: Saved, G: Array):
+def _layer_bwd(method: Method, fused: bool, pre: Callable | None, res: Saved, G: Array):
     W, b, lv, h = res.W, res.b, res.lv, res.h
     x = _flat(res.x, W.dtype)
     xd = None if res.xd is None else _flat(res.xd, W.dtype)
     G = G.reshape(-1, G.shape[-1])
-    if act is not None:  # the input again, from the kept pre-activation (or gated factors)
-        x, act_vjp = jax.vjp(functools.partial(_input, act), jax.tree.map(lambda v: after(v, G), x))
+    if pre is not None:  # the input again, from what was kept (a pre-activation, gated factors, a norm's input)
+        x, pre_vjp = jax.vjp(functools.partial(_input, pre), jax.tree.map(lambda v: after(v, G), x))
     A, Bs = lv["A"], lv["Bs"]
     st = _stages(method, lv)
     pp, pq = st.pp, st.pq
@@ -529,8 +529,8 @@ def _layer_bwd(method: Method, fused: bool, act: str | None, res: Saved, G: Arra
         db = jnp.sum(dp, axis=0)
     else:  # b' = T_pre(b)
         db = _rows_t(fp, jnp.sum(G, axis=0)[None])[0]
-    if act is not None:
-        dx = act_vjp(dx)[0]
+    if pre is not None:
+        dx = pre_vjp(dx)[0]
     dx = jax.tree.map(lambda d, v: d.reshape(v.shape).astype(v.dtype), dx, res.x)
     dxd = None if dxd is None else dxd.reshape(res.xd.shape).astype(res.xd.dtype)
     return dx, dW, db, dxd, {k: grads[k].astype(v.dtype) for k, v in lv.items()}
@@ -606,6 +606,7 @@ def adapted_layer(
     input_act: str | None = None,
     norm: Array | None = None,
     gate: Array | None = None,
+    input_norm: InputNorm | None = None,
 ) -> Array:
     """One adapted dense layer on activations. ``x: (..., d_in)``, ``kernel: (d_in, d_out)`` -> ``(..., d_out)``.
 
@@ -615,7 +616,9 @@ def adapted_layer(
     the backward keeps ``x`` (which the model keeps anyway for the activation's derivative) and recomputes
     ``act(x)``, instead of keeping a second tensor (``(N, 4 hidden)`` in a transformer's FFN). With ``gate``
     (``x``'s shape; needs ``input_act``) the input is a gated MLP's ``act(gate) * x``, and the backward keeps
-    ``x`` and ``gate`` (as the product's own backward does, :func:`sora_jax.activations.gated`).
+    ``x`` and ``gate`` (as the product's own backward does, :func:`sora_jax.activations.gated`). With
+    ``input_norm = (fn, scale)`` (instead of the two) the input is a pre-norm block's ``fn(x, scale)``, and
+    the backward keeps ``x``, the norm's input, which the norm's own backward keeps, and normalises again.
 
     Precision: the layer computes in the wider of the activations' and the adapter leaves' dtypes (bfloat16
     activations with a float32 adapter: float32, so that a small rotation or a diagonal near 1 is not lost
@@ -628,16 +631,23 @@ def adapted_layer(
     dropped = dropout_key is not None and config.lora_dropout > 0.0
     if gate is not None and input_act is None:
         raise ValueError("a gated input needs its activation: pass input_act with gate")
-    if input_act is not None and dropped:  # the dropout needs the activation's output: applied here
-        x, input_act, gate = layer_input(x, input_act, gate), None, None
+    if input_norm is not None and (input_act is not None or gate is not None):
+        raise ValueError("input_norm describes the whole input: pass it without input_act or gate")
+    if dropped and (input_act is not None or input_norm is not None):  # the dropout needs the input: formed here
+        x, input_act, gate, input_norm = layer_input(x, input_act, gate, input_norm), None, None, None
     tail = layer_leaves(kernel, leaves, config, scaling, dt, norm)
     xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
     if fused is None:
         fused = fuse_pays(math.prod(x.shape[:-1]), *W.shape)
     # forming W' is exact only in float32 (in bfloat16 a small update would round away)
     fused = fused and xd is None and dt == jnp.float32 and fusable(method)
-    xin = x if gate is None else (x, gate)
-    return _layer(method, fused, input_act, xin, W, b, xd, tail).astype(out_dt)
+    if input_norm is not None:
+        pre, xin = input_norm[0], (x, input_norm[1])
+    elif gate is not None:
+        pre, xin = GatedProduct(input_act), (x, gate)
+    else:
+        pre, xin = (None if input_act is None else activation(input_act)), x
+    return _layer(method, fused, pre, xin, W, b, xd, tail).astype(out_dt)
 
 
 def fuse_pays(rows: int, d_in: int, d_out: int) -> bool:
@@ -659,8 +669,8 @@ def adapted_dense(
     """A model ``dense_fn(path, x, kernel, bias)`` that runs ``adapter`` on activations.
 
     Modules without adapter leaves compute ``x W + b``. The model may pass ``input_act`` (the name of the
-    activation to apply to ``x`` first) and ``gate`` (the input is then ``act(gate) * x``; see
-    :func:`adapted_layer`). ``dropout_rng``: a key for LoRA dropout
+    activation to apply to ``x`` first), ``gate`` (the input is then ``act(gate) * x``) or ``input_norm`` (the
+    input is ``norm(x, scale)``; see :func:`adapted_layer`). ``dropout_rng``: a key for LoRA dropout
     (``config.lora_dropout``), folded with each module's path (``sora_jax.adapter.module_key``); ``None`` disables
     dropout (evaluation).
     ``fused``: see :func:`adapted_layer` (``None``, the default, chooses per layer by shape; both forms compute
@@ -680,11 +690,12 @@ def adapted_dense(
         input_act: str | None = None,
         layer: Array | None = None,
         gate: Array | None = None,
+        input_norm: InputNorm | None = None,
     ) -> Array:
         key = "/".join(path)
         leaves = adapter.layers.get(key)
         if leaves is None:
-            return default_dense(path, x, kernel, bias, input_act, gate)
+            return default_dense(path, x, kernel, bias, input_act, gate, input_norm)
         norm = None if norms is None else norms.get(key)
         if layer is not None:
             leaves = {k: v[layer] for k, v in leaves.items()}
@@ -695,7 +706,7 @@ def adapted_dense(
         if k is not None and layer is not None:
             k = jax.random.fold_in(k, layer)
         return adapted_layer(
-            x, kernel, bias, leaves, config, config.scaling_for(key), k, fused, input_act, norm, gate
+            x, kernel, bias, leaves, config, config.scaling_for(key), k, fused, input_act, norm, gate, input_norm
         )
 
     return dense_fn

@@ -1,11 +1,11 @@
 """Flax-free operations shared by the adapter core and the models.
 
-- :func:`default_dense`: the frozen dense layer ``y = act(x) W + b`` (``(act(gate) * x) W + b`` with a
-  ``gate``), the default *dense function* of the models (``dense_fn(path, x, kernel, bias, input_act=None,
-  gate=None) -> y``, :mod:`sora_jax.models.common`);
-- :func:`layer_input`: that input, ``x``, ``act(x)`` or ``act(gate) * x``;
+- :func:`default_dense`: the frozen dense layer ``y = u W + b`` on the input ``u`` the model describes, the
+  default *dense function* of the models (``dense_fn(path, x, kernel, bias, input_act=None, gate=None,
+  input_norm=None) -> y``, :mod:`sora_jax.models.common`);
+- :func:`layer_input`: that input, ``x``, ``act(x)``, ``act(gate) * x`` or ``norm(x, scale)``;
 - :func:`takes_keyword`, :func:`takes_input_act`: whether a dense function accepts a keyword (``input_act``,
-  ``gate``, ``layer``);
+  ``gate``, ``input_norm``, ``layer``);
 - activations by Hugging Face name (:mod:`sora_jax.activations`) and :func:`sora_jax.recompute.after` live
   beside this module, so that ``import sora_jax`` imports no Flax.
 """
@@ -19,18 +19,31 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.activations import activation, gated
+from sora_jax.recompute import recomputed
 
 Array = jax.Array
 
 
-def layer_input(x: Array, input_act: str | None = None, gate: Array | None = None) -> Array:
+InputNorm = tuple[Callable[[Array, Array], Array], Array]  # (norm, scale): the input is norm(x, scale)
+
+
+def layer_input(
+    x: Array, input_act: str | None = None, gate: Array | None = None, input_norm: InputNorm | None = None
+) -> Array:
     """A dense layer's input from what the model hands it: ``x``; ``act(x)`` for the activation named
     ``input_act`` (:data:`sora_jax.activations.ACTIVATIONS`); with ``gate`` (``x``'s shape), a gated MLP's
-    ``act(gate) * x`` (:func:`sora_jax.activations.gated`: its backward keeps ``gate`` and ``x`` only)."""
+    ``act(gate) * x`` (:func:`sora_jax.activations.gated`: its backward keeps ``gate`` and ``x`` only); with
+    ``input_norm = (norm, scale)``, a pre-norm block's normalised input ``norm(x, scale)`` (``norm``: a
+    hashable function of the residual stream ``x (..., d)`` and the norm's parameter ``scale (d,)``)."""
+    if input_norm is not None:
+        if input_act is not None or gate is not None:
+            raise ValueError("input_norm describes the whole input: pass it without input_act or gate")
+        norm, scale = input_norm
+        return recomputed(norm)(x, scale)  # its backward keeps x and scale: one x for several layers
     if gate is not None:
         if input_act is None:
             raise ValueError("a gated input needs its activation: pass input_act with gate")
-        return gated(input_act)(gate, x)
+        return gated(input_act)(x, gate)
     return x if input_act is None else activation(input_act)(x)
 
 
@@ -41,11 +54,12 @@ def default_dense(
     bias: Array | None,
     input_act: str | None = None,
     gate: Array | None = None,
+    input_norm: InputNorm | None = None,
 ) -> Array:
-    """``y = u W + b``, ``u = layer_input(x, input_act, gate)`` (``x``, ``act(x)`` or ``act(gate) * x``),
-    flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``."""
+    """``y = u W + b``, ``u = layer_input(x, input_act, gate, input_norm)`` (``x``, ``act(x)``,
+    ``act(gate) * x`` or ``norm(x, scale)``), flattened to ``(prod(batch), d_in)``. ``W: (d_in, d_out)``."""
     del path
-    x = layer_input(x, input_act, gate)
+    x = layer_input(x, input_act, gate, input_norm)
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
     if bias is not None:
@@ -54,8 +68,8 @@ def default_dense(
 
 
 def takes_keyword(dense_fn: Callable[..., Array], name: str) -> bool:
-    """Whether ``dense_fn`` accepts the keyword ``name`` (``input_act``, ``layer``; the contract in
-    :mod:`sora_jax.models.common`)."""
+    """Whether ``dense_fn`` accepts the keyword ``name`` (``input_act``, ``gate``, ``input_norm``, ``layer``;
+    the contract in :mod:`sora_jax.models.common`)."""
     try:
         params = inspect.signature(dense_fn).parameters
     except (TypeError, ValueError):  # no signature to read: assume the plain contract

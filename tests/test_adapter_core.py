@@ -456,17 +456,19 @@ def test_fuse_pays_follows_the_flop_counts():
     assert fuse_pays(4096, 384, 1536) and not fuse_pays(512, 2048, 8192)  # minilm / a 1B LLaMA at 4 x 128
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["act", "gated"])
+@pytest.mark.parametrize("form", ["act", "gated", "norm"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("method", METHODS)
-def test_input_act_is_the_activation_applied_first(method, fused, gated):
+def test_input_act_is_the_activation_applied_first(method, fused, form):
     """``dense_fn(..., input_act="gelu")`` on a pre-activation is the adapted layer on ``gelu(pre)`` (the
     backward recomputes the activation instead of keeping it); with ``gate=g`` (a gated MLP's output layer)
-    the adapted layer on ``gelu(g) * pre``: outputs and gradients (adapter leaves, the pre-activation and
-    the gate) against autodiff of the weight path, the input formed then ``apply_adapter``'s layer, under
-    jit. Tolerance as for the fused gradients: 1e-4 relative, 1e-5 of the largest value (float32, other
-    summation orders)."""
+    the adapted layer on ``gelu(g) * pre``; with ``input_norm=(RMSNormFn, scale)`` (a pre-norm block's
+    projection) the adapted layer on ``rmsnorm(pre) * scale``: outputs and gradients (adapter leaves, the
+    pre-activation, the gate, the norm's scale) against autodiff of the weight path, the input formed then
+    ``apply_adapter``'s layer, under jit. Tolerance as for the fused gradients: 1e-4 relative, 1e-5 of the
+    largest value (float32, other summation orders)."""
     from sora_jax.models.common import ACTIVATIONS
+    from sora_jax.models.llama import RMSNormFn
 
     params = make_params()
     cfg = sj.AdapterConfig(method=method, r=3, lora_alpha=6, rotation_rank=2, target_modules=["query"])
@@ -475,24 +477,28 @@ def test_input_act_is_the_activation_applied_first(method, fused, gated):
     mod, key = module(params, path), tuple(path.split("/"))
     pre = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 12)), jnp.float32)
     proj = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 10)), jnp.float32)
-    gate = jnp.asarray(np.random.default_rng(5).normal(size=(2, 5, 12)), jnp.float32) if gated else None
+    other = {"act": None, "gated": (2, 5, 12), "norm": (12,)}[form]  # the gate, or the norm's scale
+    other = None if other is None else jnp.asarray(np.random.default_rng(5).normal(size=other), jnp.float32)
+    norm = RMSNormFn(1e-6, jnp.float32)
 
-    def activation(ad, pre, gate):
-        kw = {} if gate is None else {"gate": gate}
-        y = adapted_dense(ad, fused=fused)(key, pre, mod["kernel"], mod["bias"], input_act="gelu", **kw)
+    def activation(ad, pre, other):
+        kw = {"act": {"input_act": "gelu"}, "gated": {"input_act": "gelu", "gate": other},
+              "norm": {"input_norm": (norm, other)}}[form]  # fmt: skip
+        y = adapted_dense(ad, fused=fused)(key, pre, mod["kernel"], mod["bias"], **kw)
         return jnp.sum(y * proj), y
 
-    def weight(ad, pre, gate):
+    def weight(ad, pre, other):
         new = module(sj.apply_adapter(params, ad), path)
-        u = ACTIVATIONS["gelu"](pre) if gate is None else ACTIVATIONS["gelu"](gate) * pre
+        gelu = ACTIVATIONS["gelu"]
+        u = {"act": lambda: gelu(pre), "gated": lambda: gelu(other) * pre, "norm": lambda: norm(pre, other)}[form]()
         y = u @ new["kernel"] + new["bias"]
         return jnp.sum(y * proj), y
 
-    (_, got_y), got = jax.jit(jax.value_and_grad(activation, argnums=(0, 1, 2), has_aux=True))(adapter, pre, gate)
-    (_, want_y), want = jax.value_and_grad(weight, argnums=(0, 1, 2), has_aux=True)(adapter, pre, gate)
+    (_, got_y), got = jax.jit(jax.value_and_grad(activation, argnums=(0, 1, 2), has_aux=True))(adapter, pre, other)
+    (_, want_y), want = jax.value_and_grad(weight, argnums=(0, 1, 2), has_aux=True)(adapter, pre, other)
     np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
     pairs = [(got[0].layers[path][n], want[0].layers[path][n], n) for n in adapter.layers[path]]
-    pairs += [(got[1], want[1], "pre")] + ([(got[2], want[2], "gate")] if gated else [])
+    pairs += [(got[1], want[1], "pre")] + ([(got[2], want[2], form)] if other is not None else [])
     for g, w, name in pairs:
         g, w = np.asarray(g), np.asarray(w)
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=name)

@@ -206,14 +206,23 @@ def scanned_llama(llama_dir: Path):
     return hub.load_pretrained(llama_dir, task="causal_lm", load_tokenizer=False, scan_layers=True)
 
 
-def _step_temp_bytes(model, method: str, targets: list[str], fused: bool | None = None) -> int:
+def _step_temp_bytes(
+    model, method: str, targets: list[str], fused: bool | None = None, take_norm: bool = True
+) -> int:
     """XLA's temporaries (compiled memory analysis: deterministic, not a timing) of the adapter gradient of a
-    scanned causal LM's summed logits on :data:`IDS`."""
+    scanned causal LM's summed logits on :data:`IDS`. ``take_norm=False``: the dense function lacks the
+    ``input_norm`` keyword, so the model hands the projections their normalised input."""
     cfg = sora_jax.AdapterConfig(method=method, r=4, target_modules=targets, kernel_axes=model.kernel_axes())
     adapter = sora_jax.init_adapter(jax.random.key(0), model.params, cfg)
 
     def loss(a):
         dense = sora_jax.adapted_dense(a, fused=fused)
+        if not take_norm:
+            inner = dense
+
+            def dense(path, x, kernel, bias, input_act=None, layer=None, gate=None):
+                return inner(path, x, kernel, bias, input_act=input_act, layer=layer, gate=gate)
+
         return model.apply(model.params, dense_fn=dense, input_ids=jnp.asarray(IDS))["logits"].sum()
 
     return jax.jit(jax.grad(loss)).lower(adapter).compile().memory_analysis().temp_size_in_bytes
@@ -240,6 +249,18 @@ def test_gated_mlp_output_layer_keeps_no_product(scanned_llama):
         scanned_llama, "lora", ["up_proj"]
     )
     assert extra < one_copy, (extra, one_copy)
+
+
+def test_projections_handed_the_norm_keep_its_input(scanned_llama):
+    """q, k, v and up read pre-norm outputs. Handed the norm (``input_norm``), an adapted projection keeps
+    the norm's input, the residual stream, which the norm's own backward keeps, and normalises again in its
+    backward; handed the normalised input, it keeps that too. In a scanned LoRA step the norm must save more
+    than one stacked ``(L, tokens, hidden)`` array (two norms' outputs; 4.5 arrays measured)."""
+    targets = ["q_proj", "k_proj", "v_proj", "up_proj"]
+    saved = _step_temp_bytes(scanned_llama, "lora", targets, take_norm=False) - _step_temp_bytes(
+        scanned_llama, "lora", targets
+    )
+    assert saved > LAYERS * IDS.size * 32 * 4, saved
 
 
 def test_fused_diagonal_keeps_its_output_once(scanned_llama):

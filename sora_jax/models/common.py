@@ -7,6 +7,7 @@ The models know nothing of adapters. Every dense layer is a :class:`Linear`, whi
     dense_fn(path, x, kernel, bias) -> y        # x: (..., d_in), y: (..., d_out)
     dense_fn(path, x, kernel, bias, input_act="gelu")   # y = act(x) W + b
     dense_fn(path, x, kernel, bias, input_act="silu", gate=g)   # y = (act(g) * x) W + b
+    dense_fn(path, x, kernel, bias, input_norm=(norm, scale))   # y = norm(x, scale) W + b
 
 ``path`` is the module's path in the parameter tree (``("bert", "encoder", "layer_0", "attention",
 "self", "query")``). The default, :func:`sora_jax.ops.default_dense`, computes ``x W + b`` on activations
@@ -19,8 +20,11 @@ pre-activation and the activation's name (``input_act``, a key of :data:`ACTIVAT
 that keeps its input for a gradient can then keep the pre-activation, which the activation's own
 derivative keeps anyway, and recompute the activation. A gated MLP's output layer is handed both factors
 of its input ``act(gate) * x`` (``gate=``), the two tensors the product's own backward keeps
-(:func:`sora_jax.activations.gated`). A dense function without an ``input_act`` (``gate``) parameter is
-handed ``act(x)`` (``act(gate) * x``) instead.
+(:func:`sora_jax.activations.gated`). A pre-norm block's projections are handed the residual stream and
+the norm (``input_norm=(norm, scale)``, ``norm`` a hashable function, ``scale`` its parameter): the frozen
+backward keeps the norm's input anyway, so a dense function can keep it instead of the normalised input and
+normalise again in its backward. A dense function without one of these keywords is handed the input
+itself (``act(x)``, ``act(gate) * x``, ``norm(x, scale)``).
 
 Scanned layers (:func:`scan_blocks`): a model built with ``scan_layers=True`` runs its ``L`` identical
 blocks under ``nn.scan``: one compiled block instead of ``L`` (compile time independent of depth), with
@@ -117,8 +121,9 @@ class Linear(nn.Module):
     """A dense layer whose computation is delegated to ``dense_fn`` (see module docstring).
 
     Params: ``kernel (d_in, features)``, ``bias (features,)`` when ``use_bias``. ``input_act``: the layer
-    computes ``act(x) W + b`` for that activation, or ``(act(gate) * x) W + b`` when called with ``gate``
-    (handed to ``dense_fn`` when it takes ``input_act`` / ``gate``, applied here otherwise).
+    computes ``act(x) W + b`` for that activation, or ``(act(gate) * x) W + b`` when called with ``gate``;
+    called with ``input_norm=(norm, scale)``, ``norm(x, scale) W + b``. These are handed to ``dense_fn``
+    when it takes the keywords, applied here otherwise.
     """
 
     features: int
@@ -130,21 +135,18 @@ class Linear(nn.Module):
     input_act: str | None = None
 
     @nn.compact
-    def __call__(self, x: Array, gate: Array | None = None) -> Array:
+    def __call__(self, x: Array, gate: Array | None = None, input_norm: Any = None) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         path = tuple(self.path)
+        if gate is not None and self.input_act is None:
+            raise ValueError(f"{'/'.join(path)}: a gated input needs its activation: set input_act")
         x = x.astype(self.dtype)
-        gate = None if gate is None else gate.astype(self.dtype)
-        if self.input_act is None:
-            if gate is not None:
-                raise ValueError(f"{'/'.join(path)}: a gated input needs its activation: set input_act")
-            return self.dense_fn(path, x, kernel, bias)
-        if gate is not None and takes_keyword(self.dense_fn, "gate"):
-            return self.dense_fn(path, x, kernel, bias, input_act=self.input_act, gate=gate)
-        if gate is None and takes_input_act(self.dense_fn):
-            return self.dense_fn(path, x, kernel, bias, input_act=self.input_act)
-        return self.dense_fn(path, layer_input(x, self.input_act, gate), kernel, bias)
+        extra = {"input_act": self.input_act, "gate": gate, "input_norm": input_norm}
+        extra = {k: v.astype(self.dtype) if k == "gate" else v for k, v in extra.items() if v is not None}
+        if all(takes_keyword(self.dense_fn, k) for k in extra):
+            return self.dense_fn(path, x, kernel, bias, **extra)
+        return self.dense_fn(path, layer_input(x, **extra), kernel, bias)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,12 @@ def hf_common(d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- rotary embeddings ---------------------------------------------------------------------------------
+def rms_normalise(x: Array, eps: float) -> Array:
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32 (the RMSNorms' shared part)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
 def rope_cos_sin(position_ids: Array, inv_freq: np.ndarray, dtype: Any) -> tuple[Array, Array]:
     """``cos, sin: (batch, seq, head_dim)`` for ``position_ids: (batch, seq)``, computed in float32."""
     freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
@@ -200,7 +206,8 @@ def last_non_pad_index(input_ids: Array, pad_token_id: int | None) -> Array:
 # -- modules ---------------------------------------------------------------------------------------------
 class DecoderModule(nn.Module):
     """Fields every decoder module shares; ``norm_cls``: the family's RMSNorm (``eps``, ``dtype``,
-    ``param_dtype``; parameter ``scale (d,)``)."""
+    ``param_dtype``; parameter ``scale (d,)``; called with ``as_input=True`` it returns ``(fn, scale)``, a
+    hashable function and its parameter, for the next dense layers to apply: ``input_norm``)."""
 
     config: Any
     dense_fn: Callable[..., Array] = default_dense
@@ -261,15 +268,18 @@ class DecoderAttention(DecoderModule):
         deterministic: bool = True,
         cache: LayerCache | None = None,
         cache_index: Array | int = 0,
+        input_norm: Any = None,
     ) -> tuple[Array, LayerCache | None]:
         """``x: (batch, seq, hidden)``, ``mask: (batch, 1, seq, keys)`` bool (True = attend); ``keys`` is
         ``seq``, or the cache length with a ``cache`` (``x`` is then written at ``cache_index``).
+        ``input_norm``: ``(norm, scale)``, the projections' input is ``norm(x, scale)`` (see :class:`Linear`).
         Returns ``(output (batch, seq, hidden), the updated cache or None)``."""
         c = self.config
         b, t, _ = x.shape
-        q = self.linear(c.num_attention_heads * c.head_dim, c.attention_bias, "q_proj")(x)
-        k = self.linear(c.num_key_value_heads * c.head_dim, c.attention_bias, "k_proj")(x)
-        v = self.linear(c.num_key_value_heads * c.head_dim, c.attention_bias, "v_proj")(x)
+        kv = c.num_key_value_heads * c.head_dim
+        q = self.linear(c.num_attention_heads * c.head_dim, c.attention_bias, "q_proj")(x, input_norm=input_norm)
+        k = self.linear(kv, c.attention_bias, "k_proj")(x, input_norm=input_norm)
+        v = self.linear(kv, c.attention_bias, "v_proj")(x, input_norm=input_norm)
         q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
         k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
@@ -290,10 +300,11 @@ class GatedMLP(DecoderModule):
     """
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, input_norm: Any = None) -> Array:
+        """``input_norm``: ``(norm, scale)``, ``gate_proj``'s and ``up_proj``'s input is ``norm(x, scale)``."""
         c = self.config
-        gate = self.linear(c.intermediate_size, c.mlp_bias, "gate_proj")(x)
-        up = self.linear(c.intermediate_size, c.mlp_bias, "up_proj")(x)
+        gate = self.linear(c.intermediate_size, c.mlp_bias, "gate_proj")(x, input_norm=input_norm)
+        up = self.linear(c.intermediate_size, c.mlp_bias, "up_proj")(x, input_norm=input_norm)
         return self.linear(c.hidden_size, c.mlp_bias, "down_proj", input_act=c.hidden_act)(up, gate=gate)
 
 
@@ -328,16 +339,19 @@ class DecoderLayer(DecoderModule):
         ``index``: the block's place in a scanned stack (``common.at_layer``)."""
         c = self.config
         kw = dict(config=c, dense_fn=at_layer(self.dense_fn, index), dtype=self.dtype, param_dtype=self.param_dtype)
-        h = self.norm_layer("input_layernorm")(x)
-        h, cache = self.attention_cls(**kw, name="self_attn")(h, cos, sin, mask, deterministic, cache, cache_index)
+        # the pre-norms are handed to the projections (``input_norm``), which normalise ``x`` themselves
+        norm = self.norm_layer("input_layernorm")(x, as_input=True)
+        h, cache = self.attention_cls(**kw, name="self_attn")(
+            x, cos, sin, mask, deterministic, cache, cache_index, input_norm=norm
+        )
         if self.sandwich_norms():
             x = x + self.norm_layer("post_attention_layernorm")(h)
-            h = self.norm_layer("pre_feedforward_layernorm")(x)
-            h = self.norm_layer("post_feedforward_layernorm")(self.mlp_cls(**kw, name="mlp")(h))
+            norm = self.norm_layer("pre_feedforward_layernorm")(x, as_input=True)
+            h = self.norm_layer("post_feedforward_layernorm")(self.mlp_cls(**kw, name="mlp")(x, input_norm=norm))
             return x + h, cache
         x = x + h
-        h = self.norm_layer("post_attention_layernorm")(x)
-        return x + self.mlp_cls(**kw, name="mlp")(h), cache
+        norm = self.norm_layer("post_attention_layernorm")(x, as_input=True)
+        return x + self.mlp_cls(**kw, name="mlp")(x, input_norm=norm), cache
 
 
 class DecoderStack(DecoderModule):

@@ -51,6 +51,7 @@ from sora_jax.models.decoder import (
     check_config,
     hf_common,
     hf_dict,
+    rms_normalise,
 )
 from sora_jax.models.llama import LlamaConfig, rope_inv_freq
 from sora_jax.ops import default_dense
@@ -189,22 +190,31 @@ def softcap(x: Array, cap: float | None) -> Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-class GemmaRMSNorm(nn.Module):
-    """``(x / sqrt(mean(x^2) + eps)) * (1 + scale)`` in float32, cast to ``dtype`` (as Hugging Face).
+@dataclasses.dataclass(frozen=True)
+class GemmaRMSNormFn:
+    """``(x / sqrt(mean(x^2) + eps)) * (1 + scale)`` in float32, cast to ``dtype`` (as Hugging Face): a
+    hashable function of ``(x, scale)``, which a dense layer can apply itself (``input_norm``)."""
 
-    Params: ``scale (d,)``, initialised to 0.
-    """
+    eps: float
+    dtype: Any
+
+    def __call__(self, x: Array, scale: Array) -> Array:
+        return (rms_normalise(x, self.eps) * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """:class:`GemmaRMSNormFn` with its parameter. Params: ``scale (d,)``, initialised to 0.
+    ``as_input=True``: ``(fn, scale)``, as :class:`sora_jax.models.llama.RMSNorm`."""
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, as_input: bool = False) -> Any:
         scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        fn = GemmaRMSNormFn(self.eps, self.dtype)
+        return (fn, scale) if as_input else fn(x, scale)
 
 
 def softcapped_attention(

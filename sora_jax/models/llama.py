@@ -50,6 +50,7 @@ from sora_jax.models.decoder import (  # noqa: F401 (the shared pieces, re-expor
     hf_dict,
     init_cache,
     last_non_pad_index,
+    rms_normalise,
     rope_cos_sin,
     rotate_half,
     update_cache,
@@ -171,22 +172,32 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-class RMSNorm(nn.Module):
-    """``scale * (x / sqrt(mean(x^2) + eps))``, normalised in float32 then cast back (as Hugging Face).
+@dataclasses.dataclass(frozen=True)
+class RMSNormFn:
+    """``scale * (x / sqrt(mean(x^2) + eps))``, normalised in float32 then cast to ``dtype`` (as Hugging
+    Face): a hashable function of ``(x, scale)``, which a dense layer can apply itself (``input_norm``)."""
 
-    Params: ``scale (d,)``. Output dtype: ``dtype``.
-    """
+    eps: float
+    dtype: Any
+
+    def __call__(self, x: Array, scale: Array) -> Array:
+        return scale.astype(self.dtype) * rms_normalise(x, self.eps).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """:class:`RMSNormFn` with its parameter. Params: ``scale (d,)``. Output dtype: ``dtype``.
+    ``as_input=True`` returns ``(fn, scale)`` instead of ``fn(x, scale)``, for the next dense layers to
+    apply (the ``input_norm`` of :mod:`sora_jax.models.common`)."""
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, as_input: bool = False) -> Any:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
+        fn = RMSNormFn(self.eps, self.dtype)
+        return (fn, scale) if as_input else fn(x, scale)
 
 
 class LlamaAttention(DecoderAttention):
