@@ -66,10 +66,9 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import methods
-from sora_jax.activations import GatedProduct, activation
 from sora_jax.adapter import Adapter, check_compatible, module_key, vmap_lead
 from sora_jax.conditioning import Factors, Map, Method, colnorm
-from sora_jax.ops import InputNorm, default_dense, layer_input
+from sora_jax.ops import InputNorm, default_dense, input_parts, layer_input
 from sora_jax.recompute import after
 
 Array = jax.Array
@@ -629,24 +628,17 @@ def adapted_layer(
     b = None if bias is None else bias.astype(dt)
     method = methods.get(config)
     dropped = dropout_key is not None and config.lora_dropout > 0.0
-    if gate is not None and input_act is None:
-        raise ValueError("a gated input needs its activation: pass input_act with gate")
-    if input_norm is not None and (input_act is not None or gate is not None):
-        raise ValueError("input_norm describes the whole input: pass it without input_act or gate")
-    if dropped and (input_act is not None or input_norm is not None):  # the dropout needs the input: formed here
-        x, input_act, gate, input_norm = layer_input(x, input_act, gate, input_norm), None, None, None
+    pre, args = input_parts(x, input_act, gate, input_norm)
+    if dropped and pre is not None:  # the dropout needs the input: formed here
+        x = layer_input(x, input_act, gate, input_norm)
+        pre, args = None, (x,)
     tail = layer_leaves(kernel, leaves, config, scaling, dt, norm)
     xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
     if fused is None:
         fused = fuse_pays(math.prod(x.shape[:-1]), *W.shape)
     # forming W' is exact only in float32 (in bfloat16 a small update would round away)
     fused = fused and xd is None and dt == jnp.float32 and fusable(method)
-    if input_norm is not None:
-        pre, xin = input_norm[0], (x, input_norm[1])
-    elif gate is not None:
-        pre, xin = GatedProduct(input_act), (x, gate)
-    else:
-        pre, xin = (None if input_act is None else activation(input_act)), x
+    xin = args[0] if len(args) == 1 else args  # what the backward keeps: x, or the input's arguments
     return _layer(method, fused, pre, xin, W, b, xd, tail).astype(out_dt)
 
 

@@ -142,8 +142,9 @@ class Linear(nn.Module):
         if gate is not None and self.input_act is None:
             raise ValueError(f"{'/'.join(path)}: a gated input needs its activation: set input_act")
         x = x.astype(self.dtype)
+        gate = None if gate is None else gate.astype(self.dtype)
         extra = {"input_act": self.input_act, "gate": gate, "input_norm": input_norm}
-        extra = {k: v.astype(self.dtype) if k == "gate" else v for k, v in extra.items() if v is not None}
+        extra = {k: v for k, v in extra.items() if v is not None}
         if all(takes_keyword(self.dense_fn, k) for k in extra):
             return self.dense_fn(path, x, kernel, bias, **extra)
         return self.dense_fn(path, layer_input(x, **extra), kernel, bias)

@@ -79,13 +79,14 @@ def hf_common(d: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-# -- rotary embeddings ---------------------------------------------------------------------------------
+# -- norms ---------------------------------------------------------------------------------------------
 def rms_normalise(x: Array, eps: float) -> Array:
     """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32 (the RMSNorms' shared part)."""
     x32 = x.astype(jnp.float32)
     return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
+# -- rotary embeddings ---------------------------------------------------------------------------------
 def rope_cos_sin(position_ids: Array, inv_freq: np.ndarray, dtype: Any) -> tuple[Array, Array]:
     """``cos, sin: (batch, seq, head_dim)`` for ``position_ids: (batch, seq)``, computed in float32."""
     freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
