@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sora_jax.models.attention import dot_product_attention
+from sora_jax.models.attention import dot_product_attention, rotary_attention
 
 B, T, H, D = 3, 9, 2, 8
 # float32 against float32 in another summation order; sums over <= 9 keys and 8 features: errors ~1e-6
@@ -97,6 +97,45 @@ def test_dropout_is_the_explicit_formula_with_the_same_mask():
                                   dot_product_attention(q, k, v, bias=bias, dropout_rng=key))
 
 
+def _rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Hugging Face's ``apply_rotary_pos_emb`` on ``(B, T, heads, D)``: ``x cos + rotate_half(x) sin``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_rotary_attention_is_rotation_then_attention(dropout: bool):
+    """``rotary_attention`` on flat projections (4 query heads, 2 key/value heads, a causal mask) against
+    jax.nn's attention of the rotated, head-shaped arrays (with dropout: this module's attention of them,
+    which the test above checks against the explicit formula): values and the gradients of q, k, v."""
+    ks = jax.random.split(jax.random.key(11), 5)
+    q, w = (jax.random.normal(kk, (B, T, 4 * D)) for kk in ks[:2])
+    k, v = (jax.random.normal(kk, (B, T, 2 * D)) for kk in ks[2:4])
+    angles = jax.random.uniform(ks[4], (B, T, D // 2), maxval=6.0)
+    cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
+    mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    kw = dict(dropout_rate=0.25, dropout_rng=jax.random.key(2)) if dropout else {}
+
+    def ours(q, k, v):
+        return jnp.sum(w * rotary_attention(q, k, v, cos, sin, 4, 2, mask=mask, scale=0.3, **kw))
+
+    def ref(q, k, v):
+        qh, kh = _rope_reference(q.reshape(B, T, 4, D), cos, sin), _rope_reference(k.reshape(B, T, 2, D), cos, sin)
+        attn = dot_product_attention if dropout else jax.nn.dot_product_attention
+        out = attn(qh, kh, v.reshape(B, T, 2, D), mask=mask, scale=0.3, **kw)
+        return jnp.sum(w * out.reshape(B, T, 4 * D))
+
+    got, want = jax.value_and_grad(ours, (0, 1, 2))(q, k, v), jax.value_and_grad(ref, (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    for name, a, b in zip("qkv", got[1], want[1], strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 1e-3, name
+        np.testing.assert_allclose(a, b, **TOL, err_msg=name)
+    unrotated = jnp.sum(w * rotary_attention(q, k, v, jnp.ones_like(cos), jnp.zeros_like(sin), 4, 2, mask=mask,
+                                             scale=0.3, **kw))
+    assert abs(float(unrotated - got[0])) > 1e-3  # the rotation did something
+
+
 def test_bad_shapes_and_rates_are_named():
     q, k, v, _ = _qkv()
     with pytest.raises(ValueError, match="expected q"):
@@ -109,6 +148,11 @@ def test_bad_shapes_and_rates_are_named():
         dot_product_attention(q, k, v, mask=jnp.ones((B, 1, T, T + 1), bool))
     with pytest.raises(ValueError, match="dropout_rate"):
         dot_product_attention(q, k, v, dropout_rate=1.0)
+    flat, cos = jnp.zeros((B, T, 4 * D)), jnp.zeros((B, T, D))
+    with pytest.raises(ValueError, match="expected q"):
+        rotary_attention(flat, flat[..., : 3 * D], flat[..., : 3 * D], cos, cos, 4, 2)  # k, v not 2 heads wide
+    with pytest.raises(ValueError, match="cos and sin"):
+        rotary_attention(flat, flat[..., : 2 * D], flat[..., : 2 * D], cos[..., :2], cos[..., :2], 4, 2)
 
 
 def _stack_temp_bytes(attn, layers: int, shape: tuple[int, int, int, int]) -> int:

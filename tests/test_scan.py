@@ -275,6 +275,21 @@ def test_fused_diagonal_keeps_its_output_once(scanned_llama):
     assert extra < one_copy / 2, (extra, one_copy)
 
 
+def test_fused_diagonal_attention_projections_share_their_outputs(scanned_llama):
+    """Fused Pre-Diag on q, k and v keeps their outputs ``x W'``; the attention keeps the same arrays
+    (``rotary_attention`` rotates q and k in its backward instead of keeping rotated, head-shaped copies).
+    Over LoRA, the scanned step keeps the diagonal's other residuals, at this width 0.9 of a stacked
+    ``(L, tokens, q + k + v)`` float32 array (each layer's 8 exactly computed columns are half its width),
+    and must keep less than 1.4 (a copy of each output, as rotated or reshaped values, is one array more:
+    1.9 measured before)."""
+    one_copy = LAYERS * IDS.size * (32 + 16 + 16) * 4
+    targets = ["q_proj", "k_proj", "v_proj"]
+    extra = _step_temp_bytes(scanned_llama, "prediag", targets, fused=True) - _step_temp_bytes(
+        scanned_llama, "lora", targets, fused=True
+    )
+    assert extra < 1.4 * one_copy, (extra / one_copy, one_copy)
+
+
 def test_unsupported_family_and_remat_without_scan_are_clear_errors(tmp_path: Path, bert_dir: Path):
     with pytest.raises(ValueError, match="remat='full' applies to scanned layers"):
         hub.load_pretrained(bert_dir, load_tokenizer=False, remat="full")

@@ -44,7 +44,30 @@ def _dropped(probs: Array, keep: Array | None, rate: float) -> Array:
     return probs if keep is None else jnp.where(keep, probs / (1.0 - rate), 0).astype(probs.dtype)
 
 
+def rotate_half(x: Array) -> Array:
+    """``[x1, x2] -> [-x2, x1]`` on the last axis (halves, not interleaved pairs, as Hugging Face)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotary position embedding, ``x cos + rotate_half(x) sin``, ``cos, sin`` broadcastable to ``x``."""
+    return x * cos + rotate_half(x) * sin
+
+
 # Heads grouped: q and dq are (B, T, K, G, D), P and the bias (B, K, G, T, S), k, v (B, S, K, D).
+def _heads(layout: tuple[int, int, int], q: Array, k: Array, v: Array, cos: Array | None, sin: Array | None):
+    """The caller's ``q, k, v`` in the grouped layout, ``q`` and ``k`` rotated by ``cos, sin: (B, T, D)``
+    (``None``: no rotation)."""
+    K, G, D = layout
+    q = q.reshape(*q.shape[:2], K, G, D)
+    k, v = k.reshape(*k.shape[:2], K, D), v.reshape(*v.shape[:2], K, D)
+    if cos is not None:
+        q = rotate(q, cos[:, :, None, None], sin[:, :, None, None])
+        k = rotate(k, cos[:, :, None], sin[:, :, None])
+    return q, k, v
+
+
 def _forward(q: Array, k: Array, v: Array, bias: Array | None, keep: Array | None, scale: float, rate: float):
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
@@ -53,20 +76,36 @@ def _forward(q: Array, k: Array, v: Array, bias: Array | None, keep: Array | Non
     return jnp.einsum("bkgts,bskd->btkgd", _dropped(probs, keep, rate), v), probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q: Array, k: Array, v: Array, bias: Array | None, keep: Array | None, scale: float,
-               rate: float) -> Array:
-    return _forward(q, k, v, bias, keep, scale, rate)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None,
+    keep: Array | None,
+    cos: Array | None,
+    sin: Array | None,
+    scale: float,
+    rate: float,
+    layout: tuple[int, int, int],
+) -> Array:
+    """The attention of ``q, k, v`` in any shape that :func:`_heads` regroups (``layout = (K, G, D)``):
+    ``(B, T, K * G * D)``."""
+    out = _forward(*_heads(layout, q, k, v, cos, sin), bias, keep, scale, rate)[0]
+    return out.reshape(*out.shape[:2], -1)
 
 
-def _attention_fwd(q, k, v, bias, keep, scale, rate):
-    out, probs = _forward(q, k, v, bias, keep, scale, rate)
-    return out, (q, k, v, bias, keep, probs)
+def _attention_fwd(q, k, v, bias, keep, cos, sin, scale, rate, layout):
+    out, probs = _forward(*_heads(layout, q, k, v, cos, sin), bias, keep, scale, rate)
+    return out.reshape(*out.shape[:2], -1), (q, k, v, bias, keep, cos, sin, probs)
 
 
-def _attention_bwd(scale: float, rate: float, res, g: Array):
-    q, k, v, bias, keep, probs = res
-    q, k, v, probs = (after(t, g) for t in (q, k, v, probs))
+def _attention_bwd(scale: float, rate: float, layout: tuple[int, int, int], res, g: Array):
+    q, k, v, bias, keep, cos, sin, probs = res
+    # the grouped (and rotated) q, k, v again from the arrays kept: the caller's own
+    (q, k, v), regroup = jax.vjp(lambda q, k, v: _heads(layout, q, k, v, cos, sin), *(after(t, g) for t in (q, k, v)))
+    probs = after(probs, g)
+    g = g.reshape(q.shape)
     f32 = jnp.float32
     dv = jnp.einsum("bkgts,btkgd->bskd", _dropped(probs, keep, rate), g.astype(probs.dtype)).astype(v.dtype)
     dp = _dropped(jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=f32), keep, rate)
@@ -78,7 +117,7 @@ def _attention_bwd(scale: float, rate: float, res, g: Array):
     if bias is not None:  # dead code unless the bias is differentiated
         axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and ds.shape[i] != 1)
         dbias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
-    return dq, dk, dv, dbias, None
+    return (*regroup((dq, dk, dv)), dbias, None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -101,20 +140,22 @@ def implementation(dropout: bool = False) -> str:
     return choice
 
 
-def dot_product_attention(
-    q: Array, k: Array, v: Array, bias: Array | None = None, mask: Array | None = None,
-    scale: float | None = None, *, dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+def _attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    layout: tuple[int, int, int],
+    rotary: tuple[Array, Array] | None,
+    bias: Array | None,
+    mask: Array | None,
+    scale: float | None,
+    dropout_rate: float,
+    dropout_rng: Array | None,
 ) -> Array:
-    """``drop(softmax(Q K^T * scale + bias)) V`` per head (module docstring): ``q: (B, T, H, D)``,
-    ``k, v: (B, S, K, D)`` (``K`` divides ``H``), ``bias`` (additive) and ``mask`` (boolean, True = attend)
-    4-D, broadcastable to ``(B, H, T, S)``; ``scale`` defaults to ``D ** -0.5``. Dropout on the
-    probabilities when ``dropout_rng`` is given and ``dropout_rate > 0``. Returns ``(B, T, H, D)``."""
-    if not (q.ndim == k.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
-            and q.shape[2] % k.shape[2] == 0):
-        raise ValueError("expected q (B, T, H, D) and k, v (B, S, K, D) with K dividing H; got "
-                         f"{q.shape}, {k.shape}, {v.shape}")
-    (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
-    G = H // K
+    """Both entry points: ``q: (B, T, ...)``, ``k, v: (B, S, ...)`` holding ``layout = (K, G, D)`` heads ->
+    ``(B, T, K * G * D)``."""
+    (B, T), (S, (K, G, D)) = q.shape[:2], (k.shape[1], layout)
+    H = K * G
     for name, t in (("bias", bias), ("mask", mask)):
         if t is not None and (t.ndim != 4 or any(n not in (1, m) for n, m in zip(t.shape, (B, H, T, S), strict=True))):
             raise ValueError(f"{name} must be 4-D, broadcastable to (B, H, T, S) = {(B, H, T, S)}; got {t.shape}")
@@ -125,13 +166,87 @@ def dot_product_attention(
         bias = masked if bias is None else bias.astype(jnp.float32) + masked
     dropped = dropout_rng is not None and dropout_rate > 0.0
     scale = float(D**-0.5 if scale is None else scale)
+    cos, sin = (None, None) if rotary is None else rotary
     if implementation(dropped) == "fused":
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale).astype(q.dtype)
+        qg, kg, vg = _heads(layout, q, k, v, cos, sin)
+        out = jax.nn.dot_product_attention(qg.reshape(B, T, H, D), kg, vg, bias=bias, scale=scale)
+        return out.astype(q.dtype).reshape(B, T, H * D)
     if bias is not None:  # (B|1, H|1, T|1, S|1) -> (B|1, K|1, G|1, T|1, S|1)
         b0, h0, t0, s0 = bias.shape
         bias = bias.reshape(b0, 1, 1, t0, s0) if h0 == 1 else bias.reshape(b0, K, G, t0, s0)
     keep = None
     if dropped:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (B, H, T, S)).reshape(B, K, G, T, S)
-    out = _attention(q.reshape(B, T, K, G, D), k, v, bias, keep, scale, float(dropout_rate))
+    return _attention(q, k, v, bias, keep, cos, sin, scale, float(dropout_rate), layout)
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+    """``drop(softmax(Q K^T * scale + bias)) V`` per head (module docstring): ``q: (B, T, H, D)``,
+    ``k, v: (B, S, K, D)`` (``K`` divides ``H``), ``bias`` (additive) and ``mask`` (boolean, True = attend)
+    4-D, broadcastable to ``(B, H, T, S)``; ``scale`` defaults to ``D ** -0.5``. Dropout on the
+    probabilities when ``dropout_rng`` is given and ``dropout_rate > 0``. Returns ``(B, T, H, D)``."""
+    if not (
+        q.ndim == k.ndim == 4
+        and k.shape == v.shape
+        and q.shape[0] == k.shape[0]
+        and q.shape[3] == k.shape[3]
+        and q.shape[2] % k.shape[2] == 0
+    ):
+        raise ValueError(
+            f"expected q (B, T, H, D) and k, v (B, S, K, D) with K dividing H; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    (B, T, H, D), K = q.shape, k.shape[2]
+    out = _attend(
+        q.reshape(B, T, K, H // K, D), k, v, (K, H // K, D), None, bias, mask, scale, dropout_rate, dropout_rng
+    )
     return out.reshape(B, T, H, D)
+
+
+def rotary_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    cos: Array,
+    sin: Array,
+    num_heads: int,
+    num_kv_heads: int,
+    mask: Array | None = None,
+    scale: float | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+    """:func:`dot_product_attention` of ``rotate(q), rotate(k), v`` (:func:`rotate`, ``cos, sin: (B, T, D)``) on
+    the projections' outputs as they are: ``q: (B, T, H * D)``, ``k, v: (B, T, K * D)`` -> ``(B, T, H * D)``.
+
+    The backward keeps ``q``, ``k`` and ``v`` themselves and rotates again, so a projection that keeps its own
+    output for a gradient (the diagonal methods' fused layers) shares the array: under ``nn.scan``, whose
+    residuals are JAX values, a reshaped or rotated copy would be kept beside it. The rotation costs an
+    elementwise pass over ``q`` and ``k`` in the backward."""
+    if not (
+        q.ndim == k.ndim == 3
+        and k.shape == v.shape
+        and q.shape[:2] == k.shape[:2]
+        and num_heads % num_kv_heads == 0
+        and q.shape[2] % num_heads == 0
+        and k.shape[2] == num_kv_heads * (q.shape[2] // num_heads)
+    ):
+        raise ValueError(
+            f"expected q (B, T, {num_heads} * D) and k, v (B, T, {num_kv_heads} * D); got "
+            f"{q.shape}, {k.shape}, {v.shape}"
+        )
+    D = q.shape[2] // num_heads
+    if cos.shape != (*q.shape[:2], D) or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be (B, T, D) = {(*q.shape[:2], D)}; got {cos.shape}, {sin.shape}")
+    layout = (num_kv_heads, num_heads // num_kv_heads, D)
+    return _attend(q, k, v, layout, (cos, sin), None, mask, scale, dropout_rate, dropout_rng)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.activations import ACTIVATIONS
-from sora_jax.models.attention import dot_product_attention
+from sora_jax.models.attention import dot_product_attention, rotary_attention, rotate
 from sora_jax.models.common import Linear, at_layer, scan_blocks
 from sora_jax.ops import default_dense
 
@@ -94,16 +94,9 @@ def rope_cos_sin(position_ids: Array, inv_freq: np.ndarray, dtype: Any) -> tuple
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def rotate_half(x: Array) -> Array:
-    """``[x1, x2] -> [-x2, x1]`` on the last axis (halves, not interleaved pairs, as Hugging Face)."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """Rotate ``x: (batch, seq, heads, head_dim)`` by ``cos, sin: (batch, seq, head_dim)``."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return x * cos + rotate_half(x) * sin
+    return rotate(x, cos[:, :, None, :], sin[:, :, None, :])
 
 
 # -- masks ---------------------------------------------------------------------------------------------
@@ -250,14 +243,28 @@ class DecoderAttention(DecoderModule):
         embedding; unchanged here (Gemma 3 normalises them)."""
         return q, k
 
-    def attend(self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None) -> Array:
-        """``softmax(Q K^T / sqrt(head_dim) + mask) V``: ``q (B, T, H, D)``, ``k, v (B, S, K, D)``, ``mask
+    def scale(self) -> float:
+        """The logits' scale, ``head_dim ** -0.5``."""
+        return self.config.head_dim**-0.5
+
+    def rotates_inside(self) -> bool:
+        """Whether, without a cache, :meth:`attend` may take the projections' outputs as they are and rotate
+        ``q`` and ``k`` itself (:func:`sora_jax.models.attention.rotary_attention`): the backward then keeps
+        the very arrays the projections returned. Not with :meth:`normalize_qk` or another kernel."""
+        return True
+
+    def attend(
+        self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None, rotary: tuple[Array, Array] | None = None
+    ) -> Array:
+        """``softmax(Q K^T scale + mask) V`` (:meth:`scale`): ``q (B, T, H, D)``, ``k, v (B, S, K, D)``, ``mask
         (B, 1, T, S)`` -> ``(B, T, H, D)``; logits and softmax in float32, query head ``h`` reads key/value
-        head ``h // (H / K)``."""
+        head ``h // (H / K)``. With ``rotary = (cos, sin)`` (:meth:`rotates_inside`): ``q (B, T, H * D)``,
+        ``k, v (B, T, K * D)`` unrotated -> ``(B, T, H * D)``."""
         c = self.config
-        return dot_product_attention(
-            q, k, v, mask=mask, scale=c.head_dim**-0.5, dropout_rate=c.attention_dropout, dropout_rng=rng
-        )
+        kw = dict(mask=mask, scale=self.scale(), dropout_rate=c.attention_dropout, dropout_rng=rng)
+        if rotary is not None:
+            return rotary_attention(q, k, v, *rotary, c.num_attention_heads, c.num_key_value_heads, **kw)
+        return dot_product_attention(q, k, v, **kw)
 
     @nn.compact
     def __call__(
@@ -281,14 +288,18 @@ class DecoderAttention(DecoderModule):
         q = self.linear(c.num_attention_heads * c.head_dim, c.attention_bias, "q_proj")(x, input_norm=input_norm)
         k = self.linear(kv, c.attention_bias, "k_proj")(x, input_norm=input_norm)
         v = self.linear(kv, c.attention_bias, "v_proj")(x, input_norm=input_norm)
-        q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
-        k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
-        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
-        q, k = self.normalize_qk(q, k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v, cache = update_cache(cache, k, v, cache_index)
         rng = None if deterministic or c.attention_dropout == 0.0 else self.make_rng("dropout")
-        out = self.attend(q, k, v, mask, rng).reshape(b, t, c.num_attention_heads * c.head_dim)
+        if cache is None and self.rotates_inside():
+            out = self.attend(q, k, v, mask, rng, rotary=(cos, sin))
+        else:
+            q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
+            k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+            v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+            q, k = self.normalize_qk(q, k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k, v, cache = update_cache(cache, k, v, cache_index)
+            out = self.attend(q, k, v, mask, rng)
+        out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         return self.linear(c.hidden_size, c.attention_bias, "o_proj")(out), cache
 
 

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.common import ModelFamily
 from sora_jax.models.decoder import (
     FULL,
@@ -247,14 +246,19 @@ class GemmaAttention(DecoderAttention):
             return q, k
         return self.norm_layer("q_norm")(q), self.norm_layer("k_norm")(k)
 
-    def attend(self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None) -> Array:
+    def scale(self) -> float:
+        return self.config.query_pre_attn_scalar**-0.5
+
+    def rotates_inside(self) -> bool:
+        return not self.config.qk_norm and self.config.attn_logit_softcapping is None
+
+    def attend(
+        self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None, rotary: tuple[Array, Array] | None = None
+    ) -> Array:
         c = self.config
-        scale = c.query_pre_attn_scalar**-0.5
         if c.attn_logit_softcapping is None:
-            return dot_product_attention(
-                q, k, v, mask=mask, scale=scale, dropout_rate=c.attention_dropout, dropout_rng=rng
-            )
-        return softcapped_attention(q, k, v, mask, scale, c.attn_logit_softcapping, c.attention_dropout, rng)
+            return super().attend(q, k, v, mask, rng, rotary)
+        return softcapped_attention(q, k, v, mask, self.scale(), c.attn_logit_softcapping, c.attention_dropout, rng)
 
 
 class GemmaDecoderLayer(DecoderLayer):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.models.attention import rotate_half  # noqa: F401 (re-exported)
 from sora_jax.models.common import ModelFamily
 from sora_jax.models.decoder import (  # noqa: F401 (the shared pieces, re-exported under their old names)
     TASKS,
@@ -52,7 +53,6 @@ from sora_jax.models.decoder import (  # noqa: F401 (the shared pieces, re-expor
     last_non_pad_index,
     rms_normalise,
     rope_cos_sin,
-    rotate_half,
     update_cache,
 )
 from sora_jax.ops import default_dense
