@@ -18,7 +18,9 @@ them. The backward pass, with ``P~ = P * M / (1 - p)``:
 
 and it makes the transposed copies its matmuls need itself (:func:`sora_jax.recompute.after`).
 On ``minilm`` at batch 32 x 128 that is about 50 MiB less per block for every training step
-(experiments/PERF.md, change 13).
+(experiments/PERF.md, change 13). :func:`rotary_attention` (the decoders') takes the projections' flat
+outputs before the rotary embedding and rotates ``Q`` and ``K`` in its backward too, so that it keeps the
+projections' arrays themselves, not rotated, head-shaped copies (change 24).
 
 Backends. That form is tuned for XLA's CPU backend. On a GPU, without dropout, the call goes to
 :func:`jax.nn.dot_product_attention` instead, whose ``implementation=None`` picks cuDNN's fused attention
