@@ -104,35 +104,48 @@ def _rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
+def _head_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """An RMS norm over each head's features with a ``(1 + scale)`` gain (Gemma 3's QK-norm)."""
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * (1.0 + scale)
+
+
 @pytest.mark.parametrize("dropout", [False, True])
-def test_rotary_attention_is_rotation_then_attention(dropout: bool):
-    """``rotary_attention`` on flat projections (4 query heads, 2 key/value heads, a causal mask) against
-    jax.nn's attention of the rotated, head-shaped arrays (with dropout: this module's attention of them,
-    which the test above checks against the explicit formula): values and the gradients of q, k, v."""
-    ks = jax.random.split(jax.random.key(11), 5)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_attention_is_rotation_then_attention(dropout: bool, qk_norm: bool):
+    """``rotary_attention`` on flat projections (4 query heads, 2 key/value heads, a causal mask; with
+    ``qk_norm`` each head normalised first) against jax.nn's attention of the normalised, rotated, head-shaped
+    arrays (with dropout: this module's attention of them, which the test above checks against the explicit
+    formula): values and the gradients of q, k, v and the norms' scales."""
+    ks = jax.random.split(jax.random.key(11), 7)
     q, w = (jax.random.normal(kk, (B, T, 4 * D)) for kk in ks[:2])
     k, v = (jax.random.normal(kk, (B, T, 2 * D)) for kk in ks[2:4])
+    qs, kscale = (0.3 * jax.random.normal(kk, (D,)) for kk in ks[5:7])
     angles = jax.random.uniform(ks[4], (B, T, D // 2), maxval=6.0)
     cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
     mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
     kw = dict(dropout_rate=0.25, dropout_rng=jax.random.key(2)) if dropout else {}
 
-    def ours(q, k, v):
-        return jnp.sum(w * rotary_attention(q, k, v, cos, sin, 4, 2, mask=mask, scale=0.3, **kw))
+    def ours(q, k, v, qs, kscale, cos=cos, sin=sin):
+        norm = (_head_norm, qs, kscale) if qk_norm else None
+        return jnp.sum(w * rotary_attention(q, k, v, cos, sin, 4, 2, mask=mask, scale=0.3, qk_norm=norm, **kw))
 
-    def ref(q, k, v):
-        qh, kh = _rope_reference(q.reshape(B, T, 4, D), cos, sin), _rope_reference(k.reshape(B, T, 2, D), cos, sin)
+    def ref(q, k, v, qs, kscale):
+        qh, kh = q.reshape(B, T, 4, D), k.reshape(B, T, 2, D)
+        if qk_norm:
+            qh, kh = _head_norm(qh, qs), _head_norm(kh, kscale)
+        qh, kh = _rope_reference(qh, cos, sin), _rope_reference(kh, cos, sin)
         attn = dot_product_attention if dropout else jax.nn.dot_product_attention
         out = attn(qh, kh, v.reshape(B, T, 2, D), mask=mask, scale=0.3, **kw)
         return jnp.sum(w * out.reshape(B, T, 4 * D))
 
-    got, want = jax.value_and_grad(ours, (0, 1, 2))(q, k, v), jax.value_and_grad(ref, (0, 1, 2))(q, k, v)
+    argnums = (0, 1, 2, 3, 4) if qk_norm else (0, 1, 2)
+    got = jax.value_and_grad(ours, argnums)(q, k, v, qs, kscale)
+    want = jax.value_and_grad(ref, argnums)(q, k, v, qs, kscale)
     np.testing.assert_allclose(got[0], want[0], **TOL)
-    for name, a, b in zip("qkv", got[1], want[1], strict=True):
+    for name, a, b in zip(["q", "k", "v", "q_scale", "k_scale"], got[1], want[1], strict=False):
         assert float(jnp.max(jnp.abs(b))) > 1e-3, name
         np.testing.assert_allclose(a, b, **TOL, err_msg=name)
-    unrotated = jnp.sum(w * rotary_attention(q, k, v, jnp.ones_like(cos), jnp.zeros_like(sin), 4, 2, mask=mask,
-                                             scale=0.3, **kw))
+    unrotated = ours(q, k, v, qs, kscale, cos=jnp.ones_like(cos), sin=jnp.zeros_like(sin))
     assert abs(float(unrotated - got[0])) > 1e-3  # the rotation did something
 
 

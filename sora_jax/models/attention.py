@@ -19,8 +19,9 @@ them. The backward pass, with ``P~ = P * M / (1 - p)``:
 and it makes the transposed copies its matmuls need itself (:func:`sora_jax.recompute.after`).
 On ``minilm`` at batch 32 x 128 that is about 50 MiB less per block for every training step
 (experiments/PERF.md, change 13). :func:`rotary_attention` (the decoders') takes the projections' flat
-outputs before the rotary embedding and rotates ``Q`` and ``K`` in its backward too, so that it keeps the
-projections' arrays themselves, not rotated, head-shaped copies (change 24).
+outputs before the rotary embedding (and Gemma 3's per-head QK-norm) and rotates ``Q`` and ``K`` again in its
+backward, so that it keeps the projections' arrays themselves, not normalised, rotated, head-shaped copies
+(change 24).
 
 Backends. That form is tuned for XLA's CPU backend. On a GPU, without dropout, the call goes to
 :func:`jax.nn.dot_product_attention` instead, whose ``implementation=None`` picks cuDNN's fused attention
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +60,17 @@ def rotate(x: Array, cos: Array, sin: Array) -> Array:
 
 
 # Heads grouped: q and dq are (B, T, K, G, D), P and the bias (B, K, G, T, S), k, v (B, S, K, D).
-def _heads(layout: tuple[int, int, int], q: Array, k: Array, v: Array, cos: Array | None, sin: Array | None):
-    """The caller's ``q, k, v`` in the grouped layout, ``q`` and ``k`` rotated by ``cos, sin: (B, T, D)``
-    (``None``: no rotation)."""
+def _heads(
+    layout: tuple[int, int, int], norm: Callable | None, q: Array, k: Array, v: Array, cos: Array | None,
+    sin: Array | None, q_scale: Array | None, k_scale: Array | None,
+):
+    """The caller's ``q, k, v`` in the grouped layout; ``q`` and ``k`` normalised per head by ``norm(x,
+    scale)`` (``None``: not) and rotated by ``cos, sin: (B, T, D)`` (``None``: not)."""
     K, G, D = layout
     q = q.reshape(*q.shape[:2], K, G, D)
     k, v = k.reshape(*k.shape[:2], K, D), v.reshape(*v.shape[:2], K, D)
+    if norm is not None:
+        q, k = norm(q, q_scale), norm(k, k_scale)
     if cos is not None:
         q = rotate(q, cos[:, :, None, None], sin[:, :, None, None])
         k = rotate(k, cos[:, :, None], sin[:, :, None])
@@ -78,7 +85,7 @@ def _forward(q: Array, k: Array, v: Array, bias: Array | None, keep: Array | Non
     return jnp.einsum("bkgts,bskd->btkgd", _dropped(probs, keep, rate), v), probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
 def _attention(
     q: Array,
     k: Array,
@@ -87,25 +94,31 @@ def _attention(
     keep: Array | None,
     cos: Array | None,
     sin: Array | None,
+    q_scale: Array | None,
+    k_scale: Array | None,
     scale: float,
     rate: float,
     layout: tuple[int, int, int],
+    norm: Callable | None,
 ) -> Array:
     """The attention of ``q, k, v`` in any shape that :func:`_heads` regroups (``layout = (K, G, D)``):
     ``(B, T, K * G * D)``."""
-    out = _forward(*_heads(layout, q, k, v, cos, sin), bias, keep, scale, rate)[0]
+    out = _forward(*_heads(layout, norm, q, k, v, cos, sin, q_scale, k_scale), bias, keep, scale, rate)[0]
     return out.reshape(*out.shape[:2], -1)
 
 
-def _attention_fwd(q, k, v, bias, keep, cos, sin, scale, rate, layout):
-    out, probs = _forward(*_heads(layout, q, k, v, cos, sin), bias, keep, scale, rate)
-    return out.reshape(*out.shape[:2], -1), (q, k, v, bias, keep, cos, sin, probs)
+def _attention_fwd(q, k, v, bias, keep, cos, sin, q_scale, k_scale, scale, rate, layout, norm):
+    out, probs = _forward(*_heads(layout, norm, q, k, v, cos, sin, q_scale, k_scale), bias, keep, scale, rate)
+    return out.reshape(*out.shape[:2], -1), (q, k, v, bias, keep, cos, sin, q_scale, k_scale, probs)
 
 
-def _attention_bwd(scale: float, rate: float, layout: tuple[int, int, int], res, g: Array):
-    q, k, v, bias, keep, cos, sin, probs = res
-    # the grouped (and rotated) q, k, v again from the arrays kept: the caller's own
-    (q, k, v), regroup = jax.vjp(lambda q, k, v: _heads(layout, q, k, v, cos, sin), *(after(t, g) for t in (q, k, v)))
+def _attention_bwd(scale: float, rate: float, layout: tuple[int, int, int], norm: Callable | None, res, g: Array):
+    q, k, v, bias, keep, cos, sin, q_scale, k_scale, probs = res
+    # the grouped (normalised, rotated) q, k, v again from the arrays kept: the caller's own
+    (q, k, v), regroup = jax.vjp(
+        lambda q, k, v, qs, ks: _heads(layout, norm, q, k, v, cos, sin, qs, ks),
+        *(after(t, g) for t in (q, k, v)), q_scale, k_scale,
+    )
     probs = after(probs, g)
     g = g.reshape(q.shape)
     f32 = jnp.float32
@@ -119,7 +132,8 @@ def _attention_bwd(scale: float, rate: float, layout: tuple[int, int, int], res,
     if bias is not None:  # dead code unless the bias is differentiated
         axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 and ds.shape[i] != 1)
         dbias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
-    return (*regroup((dq, dk, dv)), dbias, None, None, None)
+    dq, dk, dv, dqs, dks = regroup((dq, dk, dv))
+    return dq, dk, dv, dbias, None, None, None, dqs, dks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -148,6 +162,7 @@ def _attend(
     v: Array,
     layout: tuple[int, int, int],
     rotary: tuple[Array, Array] | None,
+    qk_norm: tuple[Callable, Array, Array] | None,
     bias: Array | None,
     mask: Array | None,
     scale: float | None,
@@ -169,8 +184,9 @@ def _attend(
     dropped = dropout_rng is not None and dropout_rate > 0.0
     scale = float(D**-0.5 if scale is None else scale)
     cos, sin = (None, None) if rotary is None else rotary
+    norm, q_scale, k_scale = (None, None, None) if qk_norm is None else qk_norm
     if implementation(dropped) == "fused":
-        qg, kg, vg = _heads(layout, q, k, v, cos, sin)
+        qg, kg, vg = _heads(layout, norm, q, k, v, cos, sin, q_scale, k_scale)
         out = jax.nn.dot_product_attention(qg.reshape(B, T, H, D), kg, vg, bias=bias, scale=scale)
         return out.astype(q.dtype).reshape(B, T, H * D)
     if bias is not None:  # (B|1, H|1, T|1, S|1) -> (B|1, K|1, G|1, T|1, S|1)
@@ -179,7 +195,7 @@ def _attend(
     keep = None
     if dropped:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (B, H, T, S)).reshape(B, K, G, T, S)
-    return _attention(q, k, v, bias, keep, cos, sin, scale, float(dropout_rate), layout)
+    return _attention(q, k, v, bias, keep, cos, sin, q_scale, k_scale, scale, float(dropout_rate), layout, norm)
 
 
 def dot_product_attention(
@@ -209,7 +225,7 @@ def dot_product_attention(
         )
     (B, T, H, D), K = q.shape, k.shape[2]
     out = _attend(
-        q.reshape(B, T, K, H // K, D), k, v, (K, H // K, D), None, bias, mask, scale, dropout_rate, dropout_rng
+        q.reshape(B, T, K, H // K, D), k, v, (K, H // K, D), None, None, bias, mask, scale, dropout_rate, dropout_rng
     )
     return out.reshape(B, T, H, D)
 
@@ -225,11 +241,14 @@ def rotary_attention(
     mask: Array | None = None,
     scale: float | None = None,
     *,
+    qk_norm: tuple[Callable, Array, Array] | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
 ) -> Array:
     """:func:`dot_product_attention` of ``rotate(q), rotate(k), v`` (:func:`rotate`, ``cos, sin: (B, T, D)``) on
     the projections' outputs as they are: ``q: (B, T, H * D)``, ``k, v: (B, T, K * D)`` -> ``(B, T, H * D)``.
+    ``qk_norm = (norm, q_scale, k_scale)``: each head of ``q`` is ``norm(q_h, q_scale)`` (and of ``k``) before
+    the rotation, ``norm`` a hashable function, the scales ``(D,)`` (Gemma 3's QK-norm).
 
     The backward keeps ``q``, ``k`` and ``v`` themselves and rotates again, so a projection that keeps its own
     output for a gradient (the diagonal methods' fused layers) shares the array: under ``nn.scan``, whose
@@ -251,4 +270,4 @@ def rotary_attention(
     if cos.shape != (*q.shape[:2], D) or sin.shape != cos.shape:
         raise ValueError(f"cos and sin must be (B, T, D) = {(*q.shape[:2], D)}; got {cos.shape}, {sin.shape}")
     layout = (num_kv_heads, num_heads // num_kv_heads, D)
-    return _attend(q, k, v, layout, (cos, sin), None, mask, scale, dropout_rate, dropout_rng)
+    return _attend(q, k, v, layout, (cos, sin), qk_norm, None, mask, scale, dropout_rate, dropout_rng)

@@ -248,10 +248,16 @@ class DecoderAttention(DecoderModule):
         return self.config.head_dim**-0.5
 
     def rotates_inside(self) -> bool:
-        """Whether, without a cache, :meth:`attend` may take the projections' outputs as they are and rotate
-        ``q`` and ``k`` itself (:func:`sora_jax.models.attention.rotary_attention`): the backward then keeps
-        the very arrays the projections returned. Not with :meth:`normalize_qk` or another kernel."""
+        """Whether, without a cache, :meth:`attend` may take the projections' outputs as they are and
+        normalise (:meth:`rotary_qk_norm`) and rotate ``q`` and ``k`` itself
+        (:func:`sora_jax.models.attention.rotary_attention`): the backward then keeps the very arrays the
+        projections returned. Not with another attention kernel."""
         return True
+
+    def rotary_qk_norm(self, q: Array) -> tuple[Any, Array, Array] | None:
+        """:meth:`normalize_qk` as ``(norm, q_scale, k_scale)`` for ``rotary_attention`` (``q`` the flat
+        queries, for the shapes); ``None`` here."""
+        return None
 
     def attend(
         self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None, rotary: tuple[Array, Array] | None = None
@@ -263,7 +269,10 @@ class DecoderAttention(DecoderModule):
         c = self.config
         kw = dict(mask=mask, scale=self.scale(), dropout_rate=c.attention_dropout, dropout_rng=rng)
         if rotary is not None:
-            return rotary_attention(q, k, v, *rotary, c.num_attention_heads, c.num_key_value_heads, **kw)
+            qk_norm = self.rotary_qk_norm(q)
+            return rotary_attention(
+                q, k, v, *rotary, c.num_attention_heads, c.num_key_value_heads, qk_norm=qk_norm, **kw
+            )
         return dot_product_attention(q, k, v, **kw)
 
     @nn.compact

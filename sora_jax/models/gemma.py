@@ -250,7 +250,15 @@ class GemmaAttention(DecoderAttention):
         return self.config.query_pre_attn_scalar**-0.5
 
     def rotates_inside(self) -> bool:
-        return not self.config.qk_norm and self.config.attn_logit_softcapping is None
+        return self.config.attn_logit_softcapping is None
+
+    def rotary_qk_norm(self, q: Array) -> tuple[Any, Array, Array] | None:
+        if not self.config.qk_norm:
+            return None
+        heads = q.reshape(*q.shape[:-1], -1, self.config.head_dim)  # the norms' parameter shape, (head_dim,)
+        norm, q_scale = self.norm_layer("q_norm")(heads, as_input=True)
+        _, k_scale = self.norm_layer("k_norm")(heads, as_input=True)
+        return norm, q_scale, k_scale
 
     def attend(
         self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None, rotary: tuple[Array, Array] | None = None
