@@ -100,6 +100,42 @@ def test_train_runs_each_run_as_a_module_of_this_checkout(rep, tmp_path: Path, m
     assert not (tmp_path / "scratch" / run.id).exists()  # scratch removed once kept
 
 
+def test_concurrent_run_processes_share_the_grid(rep, tmp_path: Path, monkeypatch):
+    """A run another process is training (its lock held, here by a child process) is skipped, not trained
+    twice; the next unfinished run trains; once the holder exits, the run is claimable again."""
+    trained = []
+
+    def fake_subprocess_run(argv, cwd):
+        out = Path(argv[argv.index("--output-dir") + 1])
+        trained.append(out.name)
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"finished": True}))
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(rep.subprocess, "run", fake_subprocess_run)
+    scratch, kept = tmp_path / "scratch", tmp_path / "kept"
+    busy, free = rep.Run("rte", "lora", 1e-3, 0), rep.Run("rte", "sora", 1e-3, 0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(scratch / f".{busy.id}.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert rep.train([busy, free], None, False, results=kept, scratch_root=scratch) == 1
+        assert trained == [free.id] and rep.load_result(busy.id, kept) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rep.train([busy, free], None, False, results=kept, scratch_root=scratch) == 1
+    assert trained == [free.id, busy.id]
+
+
+HOLD_LOCK = """
+import fcntl, pathlib, sys, time
+p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True)
+f = open(p, "w"); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print("locked", flush=True); time.sleep(600)
+"""
+
+
 def test_paired_bootstrap_verdicts(rep):
     rng = np.random.default_rng(1)
     better, worse, same = [], [], []
