@@ -349,8 +349,9 @@ def fmt(values: Sequence[float]) -> str:
     if not values:
         return "–"
     v = np.asarray(values, np.float64)
-    std = v.std(ddof=1) if v.size > 1 else 0.0
-    return f"{v.mean():.2f} ± {std:.2f} ({v.size})"
+    if v.size == 1:  # one seed: no spread to state
+        return f"{v[0]:.2f} (1)"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f} ({v.size})"
 
 
 def pilot_table() -> list[str]:

@@ -155,6 +155,11 @@ def test_paired_bootstrap_verdicts(rep):
     assert tie["lo"] == tie["hi"] == 0 and rep.verdict(tie) == "inconclusive at this scale"
 
 
+def test_cells_state_a_spread_only_with_two_seeds_or_more(rep):
+    assert rep.fmt([]) == "–" and rep.fmt([58.48]) == "58.48 (1)"
+    assert rep.fmt([1.0, 3.0]) == "2.00 ± 1.41 (2)"  # sample standard deviation
+
+
 def test_report_from_kept_results_alone(rep):
     rng = np.random.default_rng(2)
     for run in rep.plan():
