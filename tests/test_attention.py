@@ -149,6 +149,56 @@ def test_rotary_attention_is_rotation_then_attention(dropout: bool, qk_norm: boo
     assert abs(float(unrotated - got[0])) > 1e-3  # the rotation did something
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_soft_capped_logits_are_the_explicit_formula(rotary: bool, dropout: bool):
+    """Gemma 2's ``softmax(c tanh(Q K^T scale / c) + mask) V`` (4 query heads, 2 key/value heads, causal mask,
+    ``c = 2`` where the logits reach ~5, so the cap bends most of them), through both entry points, against
+    autodiff of the explicit formula in float64 (with dropout: the same keep mask, drawn as the module draws
+    it): values and the gradients of q, k, v. float32 against float64: TOL as above."""
+    ks = jax.random.split(jax.random.key(13), 5)
+    q, w = (jax.random.normal(kk, (B, T, 4, D)) for kk in ks[:2])
+    k, v = (jax.random.normal(kk, (B, T, 2, D)) for kk in ks[2:4])
+    angles = jax.random.uniform(ks[4], (B, T, D // 2), maxval=6.0)
+    cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
+    mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    cap, scale, rate, key = 2.0, 0.6, 0.25, jax.random.key(4)
+    kw = dict(dropout_rate=rate, dropout_rng=key) if dropout else {}
+
+    def ours(q, k, v, softcap=cap):
+        if rotary:
+            out = rotary_attention(
+                q.reshape(B, T, 4 * D), k.reshape(B, T, 2 * D), v.reshape(B, T, 2 * D), cos, sin, 4, 2,
+                mask=mask, scale=scale, logit_softcap=softcap, **kw,
+            ).reshape(B, T, 4, D)
+        else:
+            out = dot_product_attention(q, k, v, mask=mask, scale=scale, logit_softcap=softcap, **kw)
+        return jnp.sum(w * out)
+
+    def explicit(q, k, v):
+        w64, c64, s64 = (jnp.asarray(np.asarray(t), jnp.float64) for t in (w, cos, sin))
+        if rotary:
+            q, k = _rope_reference(q, c64, s64), _rope_reference(k, c64, s64)
+        k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)  # query head h reads h // 2
+        logits = cap * jnp.tanh(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale / cap)
+        probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+        if dropout:
+            probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+        return jnp.sum(w64 * jnp.einsum("bhqk,bkhd->bqhd", probs, v))
+
+    keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (B, 4, T, T)))  # drawn in float32, as the module does
+    got = jax.value_and_grad(ours, (0, 1, 2))(q, k, v)
+    with jax.enable_x64():
+        value, grads = jax.value_and_grad(explicit, (0, 1, 2))(*(np.asarray(t, np.float64) for t in (q, k, v)))
+        want = float(value), [np.asarray(g) for g in grads]
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    for name, a, b in zip("qkv", got[1], want[1], strict=True):
+        assert b.dtype == np.float64 and np.abs(b).max() > 1e-3, name
+        np.testing.assert_allclose(a, b, **TOL, err_msg=name)
+    uncapped = jax.grad(ours)(q, k, v, softcap=None)
+    assert float(jnp.max(jnp.abs(uncapped - got[1][0]))) > 1e-2  # the cap did bend the logits
+
+
 def test_bad_shapes_and_rates_are_named():
     q, k, v, _ = _qkv()
     with pytest.raises(ValueError, match="expected q"):
@@ -161,6 +211,8 @@ def test_bad_shapes_and_rates_are_named():
         dot_product_attention(q, k, v, mask=jnp.ones((B, 1, T, T + 1), bool))
     with pytest.raises(ValueError, match="dropout_rate"):
         dot_product_attention(q, k, v, dropout_rate=1.0)
+    with pytest.raises(ValueError, match="logit_softcap must be > 0"):
+        dot_product_attention(q, k, v, logit_softcap=0.0)
     flat, cos = jnp.zeros((B, T, 4 * D)), jnp.zeros((B, T, D))
     with pytest.raises(ValueError, match="expected q"):
         rotary_attention(flat, flat[..., : 3 * D], flat[..., : 3 * D], cos, cos, 4, 2)  # k, v not 2 heads wide

@@ -290,14 +290,16 @@ def test_fused_diagonal_attention_projections_share_their_outputs(scanned_llama)
     assert extra < 1.4 * one_copy, (extra / one_copy, one_copy)
 
 
-def test_gemma3_qk_norm_inside_the_attention_keeps_the_projections_outputs(tmp_path: Path):
-    """Gemma 3 normalises each head of q and k before the rotation (QK-norm). ``rotary_attention`` applies
-    the norms too, so fused Pre-Diag on q, k and v shares their outputs with the attention as in LLaMA: over
-    LoRA, the scanned step must keep less than one stacked ``(L, tokens, q + k + v)`` float32 array (0.53
-    measured; 1.55 when the norms ran outside, by autodiff, and the attention kept their outputs)."""
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_gemma_attention_inside_keeps_the_projections_outputs(tmp_path: Path, kind: str):
+    """Gemma 3 normalises each head of q and k before the rotation (QK-norm); Gemma 2 soft-caps the logits.
+    ``rotary_attention`` applies both too, so fused Pre-Diag on q, k and v shares their outputs with the
+    attention as in LLaMA: over LoRA, the scanned step must keep less than one stacked ``(L, tokens, q + k +
+    v)`` float32 array (measured: Gemma 3 0.53, Gemma 2 0.56; when the norms ran outside by autodiff and the
+    attention kept their outputs, Gemma 3 1.55; Gemma 2's soft-capped attention by autodiff, 1.61)."""
     from tests.test_gemma import CASES, hf_config, torch_model
 
-    torch_model(hf_config("gemma3_text"), CASES["gemma3_text"][1]).save_pretrained(tmp_path)
+    torch_model(hf_config(kind), CASES[kind][1]).save_pretrained(tmp_path)
     model = hub.load_pretrained(tmp_path, task="causal_lm", load_tokenizer=False, scan_layers=True)
     targets = ["q_proj", "k_proj", "v_proj"]
     kernels = [v.shape for kp, v in jax.tree_util.tree_leaves_with_path(model.params)
@@ -346,10 +348,10 @@ def test_glue_cli_scan_layers_trains_as_unrolled(glue_cli, tmp_path: Path, tiny_
         assert np.isfinite(v["entropy"]) and 1.0 <= v["stable_rank"] <= 16.0
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma3_text"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3_text"])
 def test_gemma_scanned_equals_unrolled(tmp_path: Path, kind: str):
-    """Gemma (one layer type: the rotary table and mask broadcast) and Gemma 3 (sliding and full layers
-    mixed: each block gets its own as scanned inputs): logits and cached greedy decoding as unrolled."""
+    """Gemma (one layer type: the rotary table and mask broadcast), Gemma 2 and Gemma 3 (sliding and full
+    layers mixed: each block gets its own as scanned inputs): logits and cached greedy decoding as unrolled."""
     from tests.test_gemma import CASES, hf_config, torch_model
 
     torch_model(hf_config(kind), CASES[kind][1]).save_pretrained(tmp_path)

@@ -247,6 +247,10 @@ class DecoderAttention(DecoderModule):
         """The logits' scale, ``head_dim ** -0.5``."""
         return self.config.head_dim**-0.5
 
+    def logit_softcap(self) -> float | None:
+        """The attention logits' cap ``c`` (``c tanh(x / c)``, Gemma 2); ``None`` here."""
+        return None
+
     def rotates_inside(self) -> bool:
         """Whether, without a cache, :meth:`attend` may take the projections' outputs as they are and
         normalise (:meth:`rotary_qk_norm`) and rotate ``q`` and ``k`` itself
@@ -262,12 +266,15 @@ class DecoderAttention(DecoderModule):
     def attend(
         self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None, rotary: tuple[Array, Array] | None = None
     ) -> Array:
-        """``softmax(Q K^T scale + mask) V`` (:meth:`scale`): ``q (B, T, H, D)``, ``k, v (B, S, K, D)``, ``mask
-        (B, 1, T, S)`` -> ``(B, T, H, D)``; logits and softmax in float32, query head ``h`` reads key/value
-        head ``h // (H / K)``. With ``rotary = (cos, sin)`` (:meth:`rotates_inside`): ``q (B, T, H * D)``,
-        ``k, v (B, T, K * D)`` unrotated -> ``(B, T, H * D)``."""
+        """``softmax(cap(Q K^T scale) + mask) V`` (:meth:`scale`, :meth:`logit_softcap`): ``q (B, T, H, D)``,
+        ``k, v (B, S, K, D)``, ``mask (B, 1, T, S)`` -> ``(B, T, H, D)``; logits and softmax in float32, query
+        head ``h`` reads key/value head ``h // (H / K)``. With ``rotary = (cos, sin)`` (:meth:`rotates_inside`):
+        ``q (B, T, H * D)``, ``k, v (B, T, K * D)`` unrotated -> ``(B, T, H * D)``."""
         c = self.config
-        kw = dict(mask=mask, scale=self.scale(), dropout_rate=c.attention_dropout, dropout_rng=rng)
+        kw = dict(
+            mask=mask, scale=self.scale(), dropout_rate=c.attention_dropout, dropout_rng=rng,
+            logit_softcap=self.logit_softcap(),
+        )
         if rotary is not None:
             qk_norm = self.rotary_qk_norm(q)
             return rotary_attention(

@@ -216,24 +216,6 @@ class GemmaRMSNorm(nn.Module):
         return (fn, scale) if as_input else fn(x, scale)
 
 
-def softcapped_attention(
-    q: Array, k: Array, v: Array, mask: Array, scale: float, cap: float, dropout_rate: float, dropout_rng: Array | None
-) -> Array:
-    """``softmax(cap tanh(Q K^T scale / cap) + mask) V`` with grouped heads (Gemma 2), by autodiff.
-
-    ``q: (B, T, H, D)``, ``k, v: (B, S, K, D)``, ``mask: (B, 1, T, S)`` bool; returns ``(B, T, H, D)``.
-    """
-    (b, t, h, d), kv = q.shape, k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, :, None], softcap(logits, cap), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-
-
 class GemmaAttention(DecoderAttention):
     """Grouped-query self-attention with rotary embeddings (:class:`sora_jax.models.decoder.DecoderAttention`),
     scale ``query_pre_attn_scalar ** -0.5``, QK-norm in Gemma 3, logit soft-capping in Gemma 2. Params:
@@ -249,8 +231,8 @@ class GemmaAttention(DecoderAttention):
     def scale(self) -> float:
         return self.config.query_pre_attn_scalar**-0.5
 
-    def rotates_inside(self) -> bool:
-        return self.config.attn_logit_softcapping is None
+    def logit_softcap(self) -> float | None:
+        return self.config.attn_logit_softcapping
 
     def rotary_qk_norm(self, q: Array) -> tuple[Any, Array, Array] | None:
         if not self.config.qk_norm:
@@ -259,14 +241,6 @@ class GemmaAttention(DecoderAttention):
         norm, q_scale = self.norm_layer("q_norm")(heads, as_input=True)
         _, k_scale = self.norm_layer("k_norm")(heads, as_input=True)
         return norm, q_scale, k_scale
-
-    def attend(
-        self, q: Array, k: Array, v: Array, mask: Array, rng: Array | None, rotary: tuple[Array, Array] | None = None
-    ) -> Array:
-        c = self.config
-        if c.attn_logit_softcapping is None:
-            return super().attend(q, k, v, mask, rng, rotary)
-        return softcapped_attention(q, k, v, mask, self.scale(), c.attn_logit_softcapping, c.attention_dropout, rng)
 
 
 class GemmaDecoderLayer(DecoderLayer):
