@@ -505,6 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "parameters": n_params,
         "versions": common.versions(),
         "devices": common.devices(),
+        "cpu_count": len(os.sched_getaffinity(0)),  # the cores this process may run on
         "mesh": args.mesh,
     }
 

@@ -8,6 +8,7 @@ first rows of MRPC from the shared GLUE copy when present, else ``synthetic_glue
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_end_to_end_results_and_merged_export(tmp_path: Path, tiny_model_dir: Pa
     evals = [r for r in log if "eval" in r]
     assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
     assert evals[-1]["eval"]["main"] == res["history"][-1]["main"]
-    assert res["versions"]["jax"] and res["devices"]
+    assert res["versions"]["jax"] and res["devices"] and res["cpu_count"] == len(os.sched_getaffinity(0))
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "8"]
 

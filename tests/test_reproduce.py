@@ -160,6 +160,14 @@ def test_cells_state_a_spread_only_with_two_seeds_or_more(rep):
     assert rep.fmt([1.0, 3.0]) == "2.00 ± 1.41 (2)"  # sample standard deviation
 
 
+def test_run_time_counts_the_cores_each_run_had():
+    from experiments import reproduce
+
+    timing = {"timing": {"train_wall_s": 100.0, "eval_s": 5.0}}
+    # a run on one core, and one kept before the count was recorded (it had both of this CPU's cores)
+    assert reproduce.run_time([{**timing, "cpu_count": 1}, timing]) == (210.0, 315.0)
+
+
 def test_report_from_kept_results_alone(rep):
     rng = np.random.default_rng(2)
     for run in rep.plan():
