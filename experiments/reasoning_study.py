@@ -356,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "rank":
         rank(args.suite, args.output_dir)
         return 0
+    if args.cmd == "run" and args.workers != 1:
+        return reproduce.run_workers("experiments.reasoning_study", argv, args.workers)
     if args.cmd == "run":
         runs = [r for r in plan() if args.suite in (None, r.suite)]
         if args.method:

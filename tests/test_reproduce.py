@@ -129,6 +129,33 @@ def test_concurrent_run_processes_share_the_grid(rep, tmp_path: Path, monkeypatc
     assert trained == [free.id, busy.id]
 
 
+def test_workers_split_the_cores_and_each_runs_the_grid(rep, monkeypatch):
+    """``run --workers 2`` starts two ``run`` processes of this checkout, each pinned to its own contiguous share
+    of the cores, and returns the first failure's status; more workers than cores is one clear error."""
+    assert rep.core_shares({4, 0, 2, 1, 3}, 2) == [[0, 1, 2], [3, 4]] and rep.core_shares({0, 1}, 2) == [[0], [1]]
+    for bad in (0, 3):
+        with pytest.raises(SystemExit, match="--workers must be between 1 and the 2 cores"):
+            rep.core_shares({0, 1}, bad)
+    started = []
+
+    class FakeProcess:
+        def __init__(self, argv, cwd, preexec_fn):
+            started.append((argv, cwd, preexec_fn))
+
+        def wait(self):
+            return 3 if len(started) == 2 and self is procs[1] else 0
+
+    procs = []
+    monkeypatch.setattr(rep.subprocess, "Popen", lambda *a, **kw: procs.append(FakeProcess(*a, **kw)) or procs[-1])
+    monkeypatch.setattr(rep.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert rep.main(["run", "--workers", "2", "--max-runs", "4"]) == 3  # the second worker's failure
+    assert len(started) == 2
+    for (argv, cwd, pin), cores in zip(started, ([0], [1]), strict=True):
+        assert argv == [sys.executable, "-m", "experiments.reproduce", "run", "--workers", "2", "--max-runs", "4",
+                        "--workers", "1"] and cwd == ROOT
+        assert pin.func is rep.os.sched_setaffinity and pin.args == (0, cores)
+
+
 HOLD_LOCK = """
 import fcntl, pathlib, sys, time
 p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True)
