@@ -68,6 +68,7 @@ import jax.numpy as jnp
 from sora_jax import methods
 from sora_jax.adapter import Adapter, check_compatible, module_key, vmap_lead
 from sora_jax.conditioning import Factors, Map, Method, colnorm
+from sora_jax.dropout import dropout
 from sora_jax.ops import InputNorm, default_dense, input_parts, layer_input
 from sora_jax.recompute import after
 
@@ -539,14 +540,6 @@ _layer.defvjp(_layer_fwd, _layer_bwd)
 
 
 # -- one adapted layer ---------------------------------------------------------------------------------
-def _dropout(x: Array, rate: float, key: Array | None) -> Array:
-    if key is None or rate <= 0.0:
-        return x
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, x.shape)
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
 def input_norm(kernel: Array, leaves: dict[str, Array], config, scaling: float) -> Array:
     """``n = colnorm(T_pre(W) + s A B): (d_out,)``, the column norm of ``T_post``'s input weight that a map
     with ``reads_norm`` (DoRA's) divides by: from the factors (:func:`dora_norm`) when ``T_pre`` is the
@@ -633,7 +626,7 @@ def adapted_layer(
         x = layer_input(x, input_act, gate, input_norm)
         pre, args = None, (x,)
     tail = layer_leaves(kernel, leaves, config, scaling, dt, norm)
-    xd = _dropout(x, config.lora_dropout, dropout_key) if dropped else None
+    xd = dropout(x, config.lora_dropout, dropout_key) if dropped else None
     if fused is None:
         fused = fuse_pays(math.prod(x.shape[:-1]), *W.shape)
     # forming W' is exact only in float32 (in bfloat16 a small update would round away)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from sora_jax.activations import ACTIVATIONS
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.common import Linear, ModelFamily, at_layer, scan_blocks
+from sora_jax.models.common import Dropout, Linear, ModelFamily, at_layer, scan_blocks
 from sora_jax.ops import default_dense
 
 Array = jax.Array
@@ -166,7 +166,7 @@ class Embeddings(_Base):
         x = x + self.embed(s.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = x + self.embed(s.max_position_embeddings, "position_embeddings")(position_ids)
         x = self.layer_norm()(x)
-        return nn.Dropout(s.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(s.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class SelfAttention(_Base):
@@ -198,7 +198,7 @@ class Output(_Base):
     @nn.compact
     def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
         x = self.linear(self.spec.hidden_size, "dense", self.input_act)(x)
-        x = nn.Dropout(self.spec.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(self.spec.hidden_dropout_prob)(x, deterministic=deterministic)
         return self.layer_norm()(x + residual)
 
 
@@ -290,9 +290,9 @@ class ClassificationHead(_Base):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         s = self.spec
         rate = s.classifier_dropout if s.classifier_dropout is not None else s.hidden_dropout_prob
-        x = nn.Dropout(rate)(x[:, 0], deterministic=deterministic)
+        x = Dropout(rate)(x[:, 0], deterministic=deterministic)
         x = jnp.tanh(self.linear(s.hidden_size, "dense")(x))
-        x = nn.Dropout(rate)(x, deterministic=deterministic)
+        x = Dropout(rate)(x, deterministic=deterministic)
         return self.linear(s.num_labels, "out_proj")(x)
 
 
@@ -336,7 +336,7 @@ class BertForTask(_Base):
             logits = ClassificationHead(**kw, name="classifier")(hidden, deterministic)
         else:
             rate = s.classifier_dropout if s.classifier_dropout is not None else s.hidden_dropout_prob
-            x = nn.Dropout(rate)(pooled, deterministic=deterministic)
+            x = Dropout(rate)(pooled, deterministic=deterministic)
             logits = self.linear(s.num_labels, "classifier")(x)
             out["pooler_output"] = pooled
         out["logits"] = logits.astype(jnp.float32)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.activations import ACTIVATIONS, activation
-from sora_jax.models.common import Array, Linear, ModelFamily
+from sora_jax.models.common import Array, Dropout, Linear, ModelFamily
 from sora_jax.ops import default_dense
 
 
@@ -264,7 +264,7 @@ class DisentangledSelfAttention(_Base):
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key / scale)  # (B, H, L, L)
 
         if cfg.relative_attention:
-            rel_emb = nn.Dropout(cfg.hidden_dropout_prob)(rel_embeddings, deterministic=deterministic)
+            rel_emb = Dropout(cfg.hidden_dropout_prob)(rel_embeddings, deterministic=deterministic)
             rel_emb = rel_emb[: 2 * cfg.att_span].astype(self.dtype)
             if cfg.share_att_key:
                 pos_query_proj, pos_key_proj = query_proj, key_proj
@@ -289,7 +289,7 @@ class DisentangledSelfAttention(_Base):
 
         scores = jnp.where(pair_mask, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
         return context.reshape(batch, length, all_head)
 
@@ -307,7 +307,7 @@ class DebertaV2Output(_Base):
     def __call__(self, x: Array, residual: Array, deterministic: bool = True) -> Array:
         """``x (B, L, d_in)``, ``residual (B, L, hidden)`` -> ``(B, L, hidden)``."""
         y = self.dense(self.config.hidden_size, "dense", input_act=self.input_act)(x)
-        y = nn.Dropout(self.config.hidden_dropout_prob)(y, deterministic=deterministic)
+        y = Dropout(self.config.hidden_dropout_prob)(y, deterministic=deterministic)
         return self.layer_norm("LayerNorm")(y + residual)
 
 
@@ -425,7 +425,7 @@ class ConvLayer(_Base):
         )(hidden_states)
         padded = (1 - input_mask) != 0  # (B, L), as HF's ``(1 - input_mask).bool()``
         out = jnp.where(padded[..., None], jnp.zeros((), out.dtype), out)
-        out = activation(cfg.conv_act)(nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic))
+        out = activation(cfg.conv_act)(Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic))
         output = self.layer_norm("LayerNorm")(residual + out)
         return output * input_mask[..., None].astype(output.dtype)
 
@@ -456,7 +456,7 @@ class DebertaV2Embeddings(_Base):
             embeddings = self.dense(cfg.hidden_size, "embed_proj", use_bias=False)(embeddings)
         embeddings = self.layer_norm("LayerNorm")(embeddings)
         embeddings = embeddings * mask[..., None].astype(embeddings.dtype)
-        return nn.Dropout(cfg.hidden_dropout_prob)(embeddings, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(embeddings, deterministic=deterministic)
 
 
 class DebertaV2Encoder(_Base):
@@ -532,7 +532,7 @@ class ContextPooler(_Base):
     def __call__(self, hidden_states: Array, deterministic: bool = True) -> Array:
         """``(B, L, hidden) -> (B, pooler_hidden)``."""
         cfg = self.config
-        token = nn.Dropout(cfg.pooler_dropout)(hidden_states[:, 0], deterministic=deterministic)
+        token = Dropout(cfg.pooler_dropout)(hidden_states[:, 0], deterministic=deterministic)
         return activation(cfg.pooler_hidden_act)(self.dense(cfg.pooler_hidden_size, "dense")(token))
 
 
@@ -580,7 +580,7 @@ class DebertaV2ForSequenceClassification(_Base):
             input_ids, attention_mask, token_type_ids, position_ids, deterministic
         )
         pooled = ContextPooler(**self.kw, name="pooler")(hidden, deterministic)
-        pooled = nn.Dropout(cfg.cls_dropout)(pooled, deterministic=deterministic)
+        pooled = Dropout(cfg.cls_dropout)(pooled, deterministic=deterministic)
         logits = self.dense(cfg.num_labels, "classifier")(pooled)
         return {"logits": logits.astype(jnp.float32), "last_hidden_state": hidden}
 
