@@ -12,6 +12,9 @@ One process, one table. For a model, a batch and a sequence length it measures:
   state donated) of :class:`sora_jax.train.Trainer`;
 - inference: the frozen model, each method unmerged (activation and weight path) and merged
   (``sora_jax.merge`` then the plain model);
+- with ``--dropout``: every train step (both frameworks) with the model's dropout, as ``glue.py`` trains;
+  ``--jax-masks`` adds each JAX step with ``jax.random.bernoulli``'s masks (the same masks, JAX's own
+  lowering of the hash);
 - the machine's matmul ceiling (``jnp.dot`` of 2048^3 and 4096x384x1536, and ``torch.mm`` with ``--peft``);
 - with ``--peft``: ``transformers`` + PEFT LoRA and DoRA, a PyTorch Pre-Diag/SORA wrapper around
   ``nn.Linear`` (docs/spec.md section 2, activation form) and the same frozen-backprop reference in torch,
@@ -34,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -41,7 +45,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -320,14 +324,31 @@ def inputs_of(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in ("input_ids", "attention_mask")}
 
 
-def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float | None) -> Variant:
-    """A jitted train step of :class:`sora_jax.train.Trainer` (``method=None``: full fine-tuning)."""
+@contextlib.contextmanager
+def jax_masks() -> Iterator[None]:
+    """While tracing: dropout masks from ``jax.random.bernoulli`` itself (JAX's own Threefry lowering, a
+    rolled loop on the CPU), as before PERF.md change 26; the masks are the same, the program is not."""
+    from sora_jax import dropout
+    from sora_jax.models import attention
+
+    saved = dropout.bernoulli, attention.bernoulli
+    dropout.bernoulli = attention.bernoulli = jax.random.bernoulli
+    try:
+        yield
+    finally:
+        dropout.bernoulli, attention.bernoulli = saved
+
+
+def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float | None, *, dropout: bool = False,
+                      with_jax_masks: bool = False) -> Variant:
+    """A jitted train step of :class:`sora_jax.train.Trainer` (``method=None``: full fine-tuning), with the
+    model's dropout when ``dropout`` (drawn by :func:`jax_masks` when ``with_jax_masks``: name ``.../jax-masks``)."""
     cfg = None if method is None else setup.adapter_config(method)
     model = setup.model
     num_labels = int(model.config.num_labels if setup.loss_fn is None else model.config.vocab_size)
     trainer = Trainer(setup.apply_fn(), model.params, num_labels=num_labels, total_steps=10**6,
                       adapter_config=cfg, modules_to_save=setup.heads, loss_fn=setup.loss_fn,
-                      config=TrainConfig(lr=1e-5, path="activation" if path == "unfused" else path, dropout=False,
+                      config=TrainConfig(lr=1e-5, path="activation" if path == "unfused" else path, dropout=dropout,
                                          fused=False if path == "unfused" else None))
     holder = {"state": trainer.init_state(0)}
     batch = trainer.put_batch(setup.batch)
@@ -340,14 +361,16 @@ def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float 
         return run
 
     name = "jax/train/full" if method is None else f"jax/train/{method}/{path}"
-    return compile_jax(name, "train", jitted, (holder["state"], trainer.frozen, batch), make_run, flops)
+    with jax_masks() if with_jax_masks else contextlib.nullcontext():
+        return compile_jax(name + ("/jax-masks" if with_jax_masks else ""), "train", jitted,
+                           (holder["state"], trainer.frozen, batch), make_run, flops)
 
 
 def _embedding_path(setup: Setup) -> tuple[str, ...]:
     return (setup.model.family.base_model_prefix, EMBEDDING_MODULE[setup.model_type])
 
 
-def frozen_backprop_loss(setup: Setup) -> Callable[..., jax.Array]:
+def frozen_backprop_loss(setup: Setup, dropout: bool = False) -> Callable[..., jax.Array]:
     """``loss(delta, params, batch)``: the model's mean loss with ``delta (B, T, hidden)`` added to the
     embedding output (a ``flax.linen.intercept_methods`` hook); its gradient w.r.t. ``delta`` is the
     gradient at the embedding output, and no parameter gradient is computed."""
@@ -362,17 +385,18 @@ def frozen_backprop_loss(setup: Setup) -> Callable[..., jax.Array]:
                 out = out + delta.astype(out.dtype)
             return out
 
+        kwargs = {"deterministic": False, "rngs": {"dropout": jax.random.key(0)}} if dropout else {}
         with nn.intercept_methods(add_delta):
-            return setup.loss(params, batch)
+            return setup.loss(params, batch, **kwargs)
 
     return loss
 
 
-def jax_frozen_backprop_variant(setup: Setup, flops: float | None) -> Variant:
+def jax_frozen_backprop_variant(setup: Setup, flops: float | None, dropout: bool = False) -> Variant:
     B, T = setup.batch["input_ids"].shape
     delta = jnp.zeros((B, T, setup.model.config.hidden_size), jnp.float32)
     batch = {k: jnp.asarray(v) for k, v in setup.batch.items()}
-    jitted = jax.jit(jax.value_and_grad(frozen_backprop_loss(setup)))
+    jitted = jax.jit(jax.value_and_grad(frozen_backprop_loss(setup, dropout)))
 
     def make_run(compiled):
         return lambda: jax.block_until_ready(compiled(delta, setup.model.params, batch))
@@ -459,7 +483,7 @@ def torch_matches(name: str, targets: tuple[str, ...]) -> bool:
 class TorchPeer:
     """The PyTorch side: models built from the same directory, same batch, fixed thread count."""
 
-    def __init__(self, setup: Setup, threads: int):
+    def __init__(self, setup: Setup, threads: int, dropout: bool = False):
         import torch
         import transformers
 
@@ -469,6 +493,7 @@ class TorchPeer:
         self.torch = torch
         self.transformers = transformers
         self.setup = setup
+        self.dropout = dropout
         b = setup.batch
         self.inputs = {k: torch.from_numpy(b[k].astype(np.int64)) for k in ("input_ids", "attention_mask")}
         self.labels = torch.from_numpy(b["labels"].astype(np.int64))
@@ -481,7 +506,7 @@ class TorchPeer:
             model = self.transformers.AutoModelForSequenceClassification.from_pretrained(
                 str(self.setup.model_dir), num_labels=int(self.setup.model.config.num_labels),
                 attn_implementation="sdpa")
-        return model.eval()  # no dropout (as the JAX side); autograd still runs
+        return model.train() if self.dropout else model.eval()  # dropout as the JAX side; autograd runs either way
 
     def adapted(self, method: str) -> Any:
         """PEFT LoRA/DoRA, or the Pre-Diag/SORA wrapper on every target; the head trained in full."""
@@ -763,6 +788,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "activation)")
     p.add_argument("--scan-layers", action="store_true", help="the model's blocks under nn.scan (one compiled block)")
     p.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
+    p.add_argument("--dropout", action="store_true",
+                   help="train with the model's dropout (as glue.py does): every JAX step and frozen-backprop draw "
+                        "masks, the PyTorch peers run in train mode (encoders)")
+    p.add_argument("--jax-masks", action="store_true",
+                   help="with --dropout: also each JAX train step with jax.random.bernoulli's masks "
+                        "(variants .../jax-masks; PERF.md change 26's before)")
     p.add_argument("--no-infer", action="store_true", help="skip inference")
     p.add_argument("--peft", action="store_true", help="also run the PyTorch/PEFT peer")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
@@ -802,6 +833,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for q in args.paths.split(","):
         if q not in PATHS:
             p.error(f"--paths: unknown path {q!r}; choose from {','.join(PATHS)}")
+    if args.jax_masks and not args.dropout:
+        p.error("--jax-masks compares dropout masks: add --dropout")
+    if args.dropout and decoder:
+        p.error("--dropout is for the encoders (the decoders have no dropout of their own); drop it")
     return args
 
 
@@ -819,18 +854,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"model {setup.name} ({setup.model_type}), batch {args.batch} x {args.seq}, targets {setup.targets}, "
             f"r {args.r}, r_p {args.r_p}; compiling")
         jv: list[Variant] = jax_matmul_variants()
-        jv.append(jax_frozen_backprop_variant(setup, flops["frozen_backprop"]))
+        jv.append(jax_frozen_backprop_variant(setup, flops["frozen_backprop"], args.dropout))
         if not args.no_full:
-            jv.append(jax_train_variant(setup, None, "activation", flops["full"]))
+            jv.append(jax_train_variant(setup, None, "activation", flops["full"], dropout=args.dropout))
         for m in methods:
             for q in paths:
-                jv.append(jax_train_variant(setup, m, q, flops[f"{m}/{q}"]))
-                log(f"  compiled {m}/{q}: {jv[-1].compile_s:.1f} s")
+                for old_masks in (False, True) if args.jax_masks else (False,):
+                    jv.append(jax_train_variant(setup, m, q, flops[f"{m}/{q}"], dropout=args.dropout,
+                                                with_jax_masks=old_masks))
+                    log(f"  compiled {jv[-1].name}: {jv[-1].compile_s:.1f} s")
         if not args.no_infer:
             jv.extend(jax_infer_variants(setup, methods, paths, flops))
         tv: list[Variant] = []
         if args.peft:
-            peer = TorchPeer(setup, threads)
+            peer = TorchPeer(setup, threads, args.dropout)
             tv.extend(peer.matmul_variants())
             tv.append(peer.frozen_backprop_variant(flops["frozen_backprop"]))
             for tm, jm in TORCH_METHODS.items():
@@ -855,7 +892,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **run_record(args, argv, threads),
         "model": setup.name, "model_type": setup.model_type, "batch": args.batch, "seq": args.seq,
         "r": args.r, "lora_alpha": args.alpha, "rotation_rank": args.r_p, "targets": list(setup.targets),
-        "methods": methods, "paths": paths, "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
+        "methods": methods, "paths": paths, "dropout": args.dropout, "jax_masks": args.jax_masks, "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "matmul_ceiling_gflops": ceiling,
         "flops": flops, "results": results, "ratios": ratios, "acceptance": checks,

@@ -74,6 +74,23 @@ def test_bench_quick_smoke(tiny_dir, tmp_path):
     assert any(c["check"] == "LoRA / frozen-backprop" for c in report["acceptance"])
 
 
+def test_bench_dropout_variants(tiny_dir, tmp_path):
+    """``--dropout`` trains with the model's dropout (the steps' losses differ from deterministic ones only
+    through the masks, so this checks that the variants exist and ran); ``--jax-masks`` adds the same step
+    with JAX's own masks; ``--jax-masks`` alone is refused."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--model", str(tiny_dir), "--batch", "2", "--seq", "8", "--quick", "--dropout",
+           "--jax-masks", "--methods", "lora", "--paths", "activation", "--no-full", "--no-infer", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dropout"] is True and report["jax_masks"] is True
+    for name in ("jax/train/frozen_backprop", "jax/train/lora/activation", "jax/train/lora/activation/jax-masks"):
+        assert report["results"][name]["n"] == 2, name
+    bad = subprocess.run([c for c in cmd if c != "--dropout"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--jax-masks compares dropout masks: add --dropout" in bad.stderr
+
+
 def test_bench_layer_smoke(tmp_path):
     """The one-layer microscope runs every requested variant and records times, faults and memory."""
     out = tmp_path / "layer.json"
