@@ -121,7 +121,7 @@ def scan_blocks(
 class Dropout(nn.Module):
     """Flax's ``nn.Dropout`` (same fields, same call, same name in the module tree and so the same
     ``make_rng`` key and mask) with the mask from :func:`sora_jax.dropout.bernoulli`, whose Threefry hash
-    XLA:CPU compiles and runs several times faster than ``jax.random.bernoulli``'s."""
+    XLA:CPU runs several times faster than ``jax.random.bernoulli``'s."""
 
     rate: float
     broadcast_dims: tuple[int, ...] = ()
