@@ -387,7 +387,9 @@ def report(n_boot: int = 1000) -> str:
     total = len(plan())
     lines += [f"Finished runs: {len(finished)} of {total} planned; training + evaluation {wall_s / 3600:.2f} h "
               f"summed over runs, {core_s / 3600:.2f} core-hours on a 2-core CPU (runs train on both cores, or "
-              "two at a time on one each).", ""]  # fmt: skip
+              "two at a time on one each; a run's wall time includes any time other work shared the machine "
+              "or the run was paused, and runs kept before PERF.md change 26 drew the same dropout masks "
+              "more slowly).", ""]  # fmt: skip
     lines += ["## Learning-rate pilot (MRPC dev, final epoch, seed 0)", "", *pilot_table(), ""]
     if lrs is None:
         lines.append("The pilot is not finished: no rate is chosen and no other run is planned yet.")
