@@ -72,7 +72,7 @@ def bernoulli(key: Array, p: float, shape: Sequence[int]) -> Array:
     data = _threefry_key_data(key)
     if (
         data is None
-        or not jax.config.jax_threefry_partitionable
+        or not getattr(jax.config, "jax_threefry_partitionable", True)  # the only layout once JAX drops the flag
         or lax.dtype(p) != jnp.float32
         or size >= 2**32
         or size == 0
