@@ -105,3 +105,13 @@ def test_lora_dropout_mask_is_jax_bernoulli():
     keep = jax.random.bernoulli(key, 0.75, x.shape)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.where(keep, x / 0.75, 0.0)))
     assert dropout.dropout(x, 0.25, None) is x
+
+
+def test_the_older_threefry_layout_falls_back_to_jax():
+    """With ``jax_threefry_partitionable`` off JAX lays the counters out otherwise: the masks must still be
+    JAX's (the written-out hash over flat indices would differ)."""
+    key = jax.random.key(2)
+    with jax.threefry_partitionable(False):
+        ours = np.asarray(dropout.bernoulli(key, 0.6, (9, 13)))
+        ref = np.asarray(jax.random.bernoulli(key, 0.6, (9, 13)))
+    np.testing.assert_array_equal(ours, ref)
