@@ -329,14 +329,12 @@ def jax_masks() -> Iterator[None]:
     """While tracing: dropout masks from ``jax.random.bernoulli`` itself (JAX's own Threefry lowering, a
     rolled loop on the CPU), as before PERF.md change 26; the masks are the same, the program is not."""
     from sora_jax import dropout
-    from sora_jax.models import attention
 
-    saved = dropout.bernoulli, attention.bernoulli
-    dropout.bernoulli = attention.bernoulli = jax.random.bernoulli
+    saved, dropout.bernoulli = dropout.bernoulli, jax.random.bernoulli
     try:
         yield
     finally:
-        dropout.bernoulli, attention.bernoulli = saved
+        dropout.bernoulli = saved
 
 
 def jax_train_variant(setup: Setup, method: str | None, path: str, flops: float | None, *, dropout: bool = False,
@@ -892,7 +890,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **run_record(args, argv, threads),
         "model": setup.name, "model_type": setup.model_type, "batch": args.batch, "seq": args.seq,
         "r": args.r, "lora_alpha": args.alpha, "rotation_rank": args.r_p, "targets": list(setup.targets),
-        "methods": methods, "paths": paths, "dropout": args.dropout, "jax_masks": args.jax_masks, "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
+        "methods": methods, "paths": paths, "dropout": args.dropout, "jax_masks": args.jax_masks,
+        "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "matmul_ceiling_gflops": ceiling,
         "flops": flops, "results": results, "ratios": ratios, "acceptance": checks,

@@ -15,7 +15,7 @@ from model_fixtures import batch, save, torch_model
 
 from sora_jax import dropout
 from sora_jax.hub import load_pretrained
-from sora_jax.models import attention, bert, common
+from sora_jax.models import bert, common
 
 CASES = [((1,), 0.5), ((7,), 0.0), ((3, 5), 1.0), ((2, 3, 17, 19), 0.1), ((4, 64, 96), 0.9), ((5, 301), 0.5)]
 
@@ -92,7 +92,7 @@ def test_bert_training_forward_keeps_its_masks(tmp_path, monkeypatch):
 
     ours = logits()
     monkeypatch.setattr(bert, "Dropout", nn.Dropout)
-    monkeypatch.setattr(attention, "bernoulli", jax.random.bernoulli)
+    monkeypatch.setattr(dropout, "bernoulli", jax.random.bernoulli)
     ref = logits()
     np.testing.assert_array_equal(ours, ref)
     assert np.abs(ours - np.asarray(model.apply(model.params, **b)["logits"])).max() > 1e-3  # dropout acted

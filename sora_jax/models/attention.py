@@ -40,7 +40,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from sora_jax.dropout import bernoulli
+from sora_jax import dropout as _dropout
 from sora_jax.recompute import after
 
 Array = jax.Array
@@ -214,7 +214,7 @@ def _attend(
         bias = bias.reshape(b0, 1, 1, t0, s0) if h0 == 1 else bias.reshape(b0, K, G, t0, s0)
     keep = None
     if dropped:
-        keep = bernoulli(dropout_rng, 1.0 - dropout_rate, (B, H, T, S)).reshape(B, K, G, T, S)
+        keep = _dropout.bernoulli(dropout_rng, 1.0 - dropout_rate, (B, H, T, S)).reshape(B, K, G, T, S)
     cap = None if softcap is None else float(softcap)
     return _attention(q, k, v, bias, keep, cos, sin, q_scale, k_scale, scale, float(dropout_rate), layout, norm, cap)
 
